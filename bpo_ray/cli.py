@@ -1,0 +1,65 @@
+"""``bpo-ray <command>``: one entry point for every stage.
+
+Each command lives in its own module exposing ``main(argv) -> int``; ``jobs/<stage>.py`` (the
+``ray job submit`` entrypoints) call the very same function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Optional, Sequence
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "models": ("bpo_ray.models.cli", "build tiny HF-format models offline"),
+    "world": ("bpo_ray.world.cli", "build the synthetic bias world and its base model"),
+    "generate": ("bpo_ray.generate.cli", "bootstrap preference pairs (Ray Data)"),
+    "reference": ("bpo_ray.train.reference_cli", "add reference log-probs to pairs (Ray Data)"),
+    "train": ("bpo_ray.train.cli", "LoRA DPO / SFT with Ray Train + DeepSpeed"),
+    "serve": ("bpo_ray.serving.cli", "serve the model and the judge proxy (Ray Serve)"),
+    "evaluate": ("bpo_ray.evaluate.cli", "run benchmarks against a served model"),
+    "demo": ("bpo_ray.demo", "every stage end to end on the embedded default"),
+    "envcheck": ("bpo_ray.envcheck", "check that the installed stack works"),
+}
+
+
+def _usage() -> str:
+    width = max(len(c) for c in COMMANDS)
+    lines = [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "usage: bpo-ray <command> [options]\n\ncommands:\n" + "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"bpo-ray: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+def add_config_args(parser: argparse.ArgumentParser, default: str = "tiny") -> None:
+    """``--config`` (path, URI or named config) and repeatable ``--set key.path=value``."""
+    parser.add_argument("--config", default=default, help=f"config YAML path/URI or named config (default: {default})")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set train.beta=0.2 (repeatable)")
+
+
+def config_from_args(args: argparse.Namespace, extra: Sequence[str] = ()):
+    """Load the config named by ``args`` (see ``add_config_args``); exits with a clear message."""
+    from bpo_ray.config import ConfigError, load_config
+
+    try:
+        return load_config(args.config, list(args.overrides) + list(extra))
+    except ConfigError as exc:
+        print(f"bpo-ray: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Benchmark scorers (CHAIR, POPE, ...), pure Python, shared by the bias world and COCO benchmarks."""

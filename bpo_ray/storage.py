@@ -1,0 +1,165 @@
+"""One way to read and write local paths and ``s3://`` URIs, for every stage (pyarrow.fs).
+
+S3 endpoint and credentials come from the environment only (``AWS_ENDPOINT_URL`` or
+``AWS_ENDPOINT_URL_S3``, ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``), never
+from configs or files in the repo.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Iterator, Optional
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+
+class StorageError(IOError):
+    """A read or write failed; the message names the URI."""
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def _s3_filesystem() -> pafs.S3FileSystem:
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    kwargs: dict = {"region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"}
+    if endpoint:
+        parsed = urlparse(endpoint)
+        kwargs["endpoint_override"] = parsed.netloc or parsed.path
+        kwargs["scheme"] = parsed.scheme or "https"
+    return pafs.S3FileSystem(**kwargs)
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """Return ``(filesystem, path within it)`` for a local path, ``file://`` or ``s3://`` URI."""
+    if uri.startswith("s3://"):
+        return _s3_filesystem(), uri[len("s3://"):].rstrip("/")
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    if is_remote(uri):
+        try:
+            return pafs.FileSystem.from_uri(uri)
+        except Exception as exc:  # pyarrow raises several types here
+            raise StorageError(f"unsupported URI {uri!r}: {exc}") from exc
+    return pafs.LocalFileSystem(), str(Path(os.path.expanduser(uri)).absolute())
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts onto a local path or URI with ``/``."""
+    out = base.rstrip("/")
+    for p in parts:
+        out = f"{out}/{p.strip('/')}"
+    return out
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def makedirs(uri: str) -> None:
+    fs, path = filesystem(uri)
+    fs.create_dir(path, recursive=True)
+
+
+def read_bytes(uri: str, max_bytes: Optional[int] = None) -> bytes:
+    """Read a whole file; with ``max_bytes`` refuse files larger than that without reading them."""
+    fs, path = filesystem(uri)
+    try:
+        if max_bytes is not None:
+            size = fs.get_file_info(path).size
+            if size is not None and size > max_bytes:
+                raise StorageError(f"{uri}: {size} bytes is over the {max_bytes}-byte limit")
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError as exc:
+        raise StorageError(f"{uri}: no such file") from exc
+    except OSError as exc:
+        if isinstance(exc, StorageError):
+            raise
+        raise StorageError(f"{uri}: {exc}") from exc
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole file; local writes go through a temp file and an atomic rename."""
+    fs, path = filesystem(uri)
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent:
+        fs.create_dir(parent, recursive=True)
+    if isinstance(fs, pafs.LocalFileSystem):
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+        return
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def list_files(uri: str, suffix: str = "", recursive: bool = True) -> list[str]:
+    """URIs of the files under ``uri`` (sorted), keeping the caller's scheme."""
+    fs, path = filesystem(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        return []
+    if info.type == pafs.FileType.File:
+        return [uri] if uri.endswith(suffix) else []
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=recursive))
+    rel = sorted(i.path[len(path):].lstrip("/") for i in infos if i.type == pafs.FileType.File)
+    return [join(uri, r) for r in rel if r.endswith(suffix)]
+
+
+def delete(uri: str) -> None:
+    fs, path = filesystem(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    elif info.type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
+def iter_lines(uri: str) -> Iterator[str]:
+    for line in read_bytes(uri).splitlines():
+        yield line.decode("utf-8", errors="replace")
+
+
+def upload_dir(local_dir: str | Path, uri: str) -> None:
+    """Copy a local directory tree to ``uri`` (local or remote)."""
+    local_dir = Path(local_dir)
+    for p in sorted(local_dir.rglob("*")):
+        if p.is_file():
+            write_bytes(join(uri, str(p.relative_to(local_dir))), p.read_bytes())
+
+
+def localize(uri: str, cache_dir: str = "~/.cache/bpo-ray/models") -> str:
+    """A local directory holding ``uri``'s files: the path itself if local, else a cached copy.
+
+    Remote trees are downloaded once into ``cache_dir/<hash of uri>``; a ``.complete`` marker
+    makes an interrupted download start over instead of being used half-written.
+    """
+    if not is_remote(uri):
+        return str(Path(os.path.expanduser(uri[7:] if uri.startswith("file://") else uri)))
+    dest = Path(os.path.expanduser(cache_dir)) / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    if (dest / ".complete").exists():
+        return str(dest)
+    files = list_files(uri)
+    if not files:
+        raise StorageError(f"{uri}: nothing there to download")
+    for f in files:
+        target = dest / f[len(uri.rstrip("/")) + 1:]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(read_bytes(f))
+    (dest / ".complete").write_text(uri)
+    return str(dest)

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Create or refresh the project's virtual environment, idempotently.
+# A second run with unchanged requirements only re-checks the stamp and takes about a second.
+# Usage: scripts/setup_env.sh [cpu|gpu]   (default: cpu; BPO_VENV overrides the venv path)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+flavour="${1:-${BPO_STACK:-cpu}}"
+venv="${BPO_VENV:-.venv}"
+req="requirements/${flavour}.txt"
+[ -f "$req" ] || { echo "setup: no requirements file $req (use cpu or gpu)" >&2; exit 2; }
+
+stamp_of() { cat "$req" pyproject.toml scripts/setup_env.sh scripts/patch_torchvision.py | sha256sum | cut -c1-16; }
+want="$flavour-$(stamp_of)"
+if [ -f "$venv/.bpo-stamp" ] && [ "$(cat "$venv/.bpo-stamp")" = "$want" ]; then
+  exit 0
+fi
+
+start=$(date +%s)
+echo "setup: building $venv from $req (first run takes a few minutes)"
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+pip_q() { "$venv/bin/python" -m pip "$@" 2>&1 | grep -v -e "^WARNING: Location 'file:" -e "^\s*$" || true; }
+# pip prints a warning per package for the machine's file:// mirrors; keep real errors visible.
+"$venv/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+"$venv/bin/python" -m pip install -q -r "$req" 2>&1 | grep -v "^WARNING: Location" ; rc=${PIPESTATUS[0]}
+[ "$rc" -eq 0 ] || { echo "setup: pip install -r $req failed" >&2; exit "$rc"; }
+"$venv/bin/python" -m pip install -q --no-deps -e . 2>&1 | grep -v "^WARNING: Location" || true
+if [ "$flavour" = cpu ]; then
+  # PyPI's torchaudio/torchcodec are CUDA-linked and break imports beside +cpu torch;
+  # torchvision stays (vLLM's LLaVA imports its pure-Python transforms) and is patched.
+  "$venv/bin/python" -m pip uninstall -q -y torchaudio torchcodec 2>/dev/null || true
+  "$venv/bin/python" scripts/patch_torchvision.py
+fi
+"$venv/bin/python" -m bpo_ray.envcheck --quick
+echo "$want" > "$venv/.bpo-stamp"
+echo "setup: done in $(( $(date +%s) - start )) s; venv size $(du -sh "$venv" | cut -f1)"
