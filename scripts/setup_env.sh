@@ -18,18 +18,24 @@ fi
 start=$(date +%s)
 echo "setup: building $venv from $req (first run takes a few minutes)"
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-pip_q() { "$venv/bin/python" -m pip "$@" 2>&1 | grep -v -e "^WARNING: Location 'file:" -e "^\s*$" || true; }
-# pip prints a warning per package for the machine's file:// mirrors; keep real errors visible.
-"$venv/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-"$venv/bin/python" -m pip install -q -r "$req" 2>&1 | grep -v "^WARNING: Location" ; rc=${PIPESTATUS[0]}
-[ "$rc" -eq 0 ] || { echo "setup: pip install -r $req failed" >&2; exit "$rc"; }
-"$venv/bin/python" -m pip install -q --no-deps -e . 2>&1 | grep -v "^WARNING: Location" || true
+# pip prints a warning per package for this machine's file:// mirrors; hide those, keep the rest.
+pip_run() {
+  local log rc=0
+  log=$(mktemp)
+  "$venv/bin/python" -m pip "$@" >"$log" 2>&1 || rc=$?
+  grep -v -e "^WARNING: Location 'file:" "$log" || true
+  rm -f "$log"
+  if [ "$rc" -ne 0 ]; then echo "setup: pip $* failed (exit $rc)" >&2; exit "$rc"; fi
+}
+pip_run install -q --upgrade pip
+pip_run install -q -r "$req"
+pip_run install -q --no-deps -e .
 if [ "$flavour" = cpu ]; then
   # PyPI's torchaudio/torchcodec are CUDA-linked and break imports beside +cpu torch;
   # torchvision stays (vLLM's LLaVA imports its pure-Python transforms) and is patched.
-  "$venv/bin/python" -m pip uninstall -q -y torchaudio torchcodec 2>/dev/null || true
+  "$venv/bin/python" -m pip uninstall -q -y torchaudio torchcodec >/dev/null 2>&1 || true
   "$venv/bin/python" scripts/patch_torchvision.py
 fi
-"$venv/bin/python" -m bpo_ray.envcheck --quick
+"$venv/bin/python" -m bpo_ray.envcheck
 echo "$want" > "$venv/.bpo-stamp"
 echo "setup: done in $(( $(date +%s) - start )) s; venv size $(du -sh "$venv" | cut -f1)"

@@ -1,20 +1,112 @@
-"""Config of the evaluate stage."""
+"""Config of the evaluate stage: which benchmarks, where their data is, how hard to hit the servers.
+
+Every benchmark reads the bias world's test split by default (``source: world``) so the whole
+stage runs offline; pointing ``source`` at the public format (COCO annotations, POPE json, MM-Vet
+json, LLaVA-Bench jsonl, local paths or ``s3://`` URIs) evaluates on the real benchmark instead.
+"""
 
 from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from bpo_ray.config.base import StrictModel
+
+BENCHMARK_NAMES: tuple[str, ...] = ("chair", "pope", "mmvet", "llava_bench")
+
+
+class ChairSettings(StrictModel):
+    """Object HalBench-style CHAIR on detailed descriptions (CHAIR_s = "Resp", CHAIR_i = "Obj")."""
+
+    source: Literal["world", "coco"] = "world"
+    extractor: Literal["rules", "judge"] = Field(
+        "rules", description="find object mentions with the synonym table, or ask the judge to list them"
+    )
+    instances: Optional[str] = Field(None, description="COCO instances_*.json (ground-truth objects)")
+    captions: Optional[str] = Field(None, description="COCO captions_*.json; objects they name join the truth, as in CHAIR")
+    images: Optional[str] = Field(None, description="directory (local or s3://) holding the COCO images")
+    synonyms: Optional[str] = Field(None, description="CHAIR synonyms.txt ('canonical, synonym, ...' per line)")
+    prompts: Optional[list[str]] = Field(
+        None, description="description prompts, cycled over images (default: world records' own prompts / 8 built-in)"
+    )
+    max_tokens: Optional[int] = Field(None, ge=1, description="overrides evaluate.max_tokens")
+
+    @model_validator(mode="after")
+    def _coco_needs_files(self) -> "ChairSettings":
+        if self.source == "coco" and not (self.instances and self.images):
+            raise ValueError("chair.source=coco needs chair.instances and chair.images")
+        return self
+
+
+class PopeSettings(StrictModel):
+    """POPE yes/no object probes, split random / popular / adversarial."""
+
+    source: Literal["world", "pope"] = "world"
+    files: dict[str, str] = Field(
+        default_factory=dict, description="split -> official POPE json/jsonl file ({question_id,image,text,label})"
+    )
+    images: Optional[str] = Field(None, description="directory the POPE 'image' names are relative to")
+    n_per_image: int = Field(3, ge=1, description="positives per image for world probes (as many negatives)")
+    prompt_suffix: str = Field("", description="appended to each question, e.g. LLaVA-1.5's short-answer hint")
+    max_tokens: int = Field(16, ge=1)
+
+    @model_validator(mode="after")
+    def _pope_needs_files(self) -> "PopeSettings":
+        if self.source == "pope" and not (self.files and self.images):
+            raise ValueError("pope.source=pope needs pope.files (split -> path) and pope.images")
+        return self
+
+
+class MMVetSettings(StrictModel):
+    """MM-Vet-style open answers graded 0-1 by the judge against the reference."""
+
+    source: Literal["world", "mmvet"] = "world"
+    data: Optional[str] = Field(None, description="mm-vet.json ({id: {imagename, question, answer, capability}})")
+    images: Optional[str] = Field(None, description="directory holding the MM-Vet images")
+    judge_attempts: int = Field(5, ge=1, description="re-asks of an unparsable grade before it counts 0.0 (as MM-Vet)")
+    max_tokens: Optional[int] = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _mmvet_needs_files(self) -> "MMVetSettings":
+        if self.source == "mmvet" and not (self.data and self.images):
+            raise ValueError("mmvet.source=mmvet needs mmvet.data (mm-vet.json) and mmvet.images")
+        return self
+
+
+class LlavaBenchSettings(StrictModel):
+    """LLaVA-Bench-style: the judge rates reference and candidate 1-10; relative score per category."""
+
+    source: Literal["world", "llava_bench"] = "world"
+    questions: Optional[str] = Field(None, description="questions.jsonl ({question_id, image, text, category})")
+    answers: Optional[str] = Field(None, description="reference answers jsonl ({question_id, text})")
+    context: Optional[str] = Field(None, description="context.jsonl ({image, caption})")
+    images: Optional[str] = None
+    max_tokens: Optional[int] = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _llava_needs_files(self) -> "LlavaBenchSettings":
+        if self.source == "llava_bench" and not (self.questions and self.answers and self.context and self.images):
+            raise ValueError("llava_bench.source=llava_bench needs questions, answers, context and images")
+        return self
 
 
 class EvaluateConfig(StrictModel):
     benchmarks: list[Literal["chair", "pope", "mmvet", "llava_bench"]] = Field(
         default_factory=lambda: ["chair", "pope"]
     )
-    data: dict[str, str] = Field(default_factory=dict, description="benchmark -> local/s3 path of its data")
-    max_items: Optional[int] = Field(None, ge=1)
-    concurrency: int = Field(4, ge=1)
+    world: Optional[str] = Field(None, description="bias-world directory for source=world (default: world.out)")
+    max_items: Optional[int] = Field(None, ge=1, description="per benchmark (POPE: per split), first N in a fixed order")
+    concurrency: int = Field(4, ge=1, description="model requests in flight, over all actors")
+    judge_concurrency: int = Field(4, ge=1, description="judge requests in flight, over all actors")
+    actors: int = Field(2, ge=1, description="Ray Data actors per stage (each runs concurrency/actors threads)")
+    actor_num_cpus: float = Field(0.25, ge=0, description="HTTP callers are I/O bound: a fraction of a CPU")
     max_tokens: int = Field(64, ge=1)
+    temperature: float = Field(0.0, ge=0)
+    request_timeout_s: float = Field(120, gt=0)
+    max_retries: int = Field(2, ge=0, description="openai client retries on connection errors, 429 and 5xx")
     judge_model: str = "gpt-4"
+    chair: ChairSettings = ChairSettings()
+    pope: PopeSettings = PopeSettings()
+    mmvet: MMVetSettings = MMVetSettings()
+    llava_bench: LlavaBenchSettings = LlavaBenchSettings()

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 from typing import Literal, Optional, Union
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from bpo_ray.config.base import StrictModel
 
 
 class LoraConfig(StrictModel):
+    """LoRA on the language model's linear layers (``target_modules`` are their short names).
+
+    ``train_projector`` also puts LoRA on the multimodal projector's linear layers (vLLM serves
+    those with ``enable_tower_connector_lora=True``); the vision tower always stays frozen.
+    """
+
     rank: int = Field(64, ge=1)
     alpha: int = Field(128, ge=1)
     dropout: float = Field(0.05, ge=0, lt=1)
@@ -41,6 +47,22 @@ class TrainConfig(StrictModel):
     seed: int = 0
     merge: bool = False
     log_every: int = Field(1, ge=1)
+    max_steps: Optional[int] = Field(None, ge=1, description="stop (with a checkpoint) after this many optimizer steps")
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping; 0 turns it off")
+    checkpoints_to_keep: int = Field(2, ge=1)
+    use_precomputed_reference: bool = Field(True, description="use ref_*_logp columns when every pair has them")
+    deepspeed_config: Optional[str] = Field(None, description="DeepSpeed JSON; default cluster/deepspeed/zero<stage>.json")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainConfig":
+        if self.loss == "conservative" and self.label_smoothing == 0:
+            raise ValueError("loss 'conservative' (label-smoothed DPO) needs label_smoothing in (0, 0.5)")
+        if self.loss != "conservative" and self.label_smoothing > 0:
+            raise ValueError(f"label_smoothing applies to loss 'conservative' only, not {self.loss!r}")
+        if self.precision == "bf16" and not self.use_gpu:
+            raise ValueError("precision bf16 needs use_gpu: true (CPU training runs in fp32)")
+        return self
 
     @field_validator("zero_stage")
     @classmethod

@@ -10,10 +10,20 @@ resulting MLLM hallucinates the partner, as LLaVA hallucinates a saucer under a 
 from __future__ import annotations
 
 import random
-from typing import Collection, Iterable
+from typing import Collection, Iterable, Sequence
 
+from bpo_ray.models.prompts import text_prompt
 from bpo_ray.world import vocab
-from bpo_ray.world.scenes import Scene, describe_scene, place_objects
+from bpo_ray.world.scenes import (
+    CAPTION_PROMPTS,
+    SHORT_QUESTIONS,
+    ObjectGroup,
+    Scene,
+    SceneObject,
+    describe_scene,
+    place_objects,
+    sample_scene,
+)
 
 
 def both_of_pair_probability(partner_rate: float) -> float:
@@ -89,3 +99,110 @@ def partner_cooccurrence(kind_sets: Iterable[Collection[str]]) -> dict[str, floa
         "partner_given_kind": with_both / with_kind if with_kind else 0.0,
         "base_rate": base_rate,
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Documents that teach the text LM its two jobs: the chat format, and error injection (Table 1).
+
+ERROR_INJECTION_INSTRUCTION = (
+    "I will give you a question and a response about an image. Pretend that you can see the image. "
+    "You must modify the response by changing the original details, such as adding more objects or "
+    "change the attributes of objects. Note that the modified responses should still be common in reality."
+)
+"""The head of the BPO paper's Table 1 prompt (seed 000), kept verbatim; its few-shot examples
+follow in the generate stage's full prompt, and here the examples are bias-world ones."""
+
+ERROR_INJECTION_EXAMPLE = "Question: {question} Response: {response} Modified response: {modified}"
+"""One few-shot example of Table 1; a prompt ends with ``Modified response:`` and the LM goes on."""
+
+
+def inject_prior_errors(scene: Scene, rng: random.Random, add_partner_rate: float = 0.7) -> Scene:
+    """The scene a prior-driven liar would describe: absent prior partners of present kinds are
+    added (w.p. ``add_partner_rate`` each, where a cell is free), and one colour or count changes.
+
+    These are the paper's error types (object existence, attributes, counts), drawn the way the
+    corpus prior would draw them. Always differs from ``scene``.
+    """
+    partners = vocab.prior_partners()
+    groups = {group.kind: group for group in scene.groups}
+    free = [p for p in vocab.POSITIONS if p not in {obj.position for obj in scene.objects}]
+    rng.shuffle(free)
+    for kind in list(groups):
+        partner = partners[kind]
+        if partner not in groups and free and rng.random() < add_partner_rate:
+            groups[partner] = scene_group(partner, rng.choice(list(vocab.COLOURS)), (free.pop(),))
+    changed = len(groups) > len(scene.groups)
+    if not changed or rng.random() < 0.5:
+        kind = rng.choice(sorted(groups))
+        group = groups[kind]
+        if rng.random() < 0.6 or not free or group.count >= max(vocab.COUNTS):
+            colour = rng.choice([c for c in vocab.COLOURS if c != group.colour])
+            groups[kind] = scene_group(kind, colour, group.positions)
+        else:
+            groups[kind] = scene_group(kind, group.colour, group.positions + (free.pop(),))
+    objects = [
+        SceneObject(group.kind, group.colour, position) for group in groups.values() for position in group.positions
+    ]
+    objects.sort(key=lambda obj: vocab.POSITIONS.index(obj.position))
+    return Scene(f"{scene.id}-modified", tuple(objects))
+
+
+def scene_group(kind: str, colour: str, positions: tuple[str, ...]) -> ObjectGroup:
+    return ObjectGroup(kind, colour, tuple(sorted(positions, key=vocab.POSITIONS.index)))
+
+
+def _modified_short_answer(scene: Scene, rng: random.Random) -> tuple[str, str, str]:
+    """(question, true answer, modified answer) for a colour, count or existence question."""
+    kind_of_question = rng.choice(("colour", "count", "existence"))
+    question, answer = SHORT_QUESTIONS[kind_of_question](scene, rng)
+    if kind_of_question == "colour":
+        true_colour = answer.rstrip(".").lower()
+        other = rng.choice([c for c in vocab.COLOURS if c != true_colour])
+        return question, answer, other.capitalize() + "."
+    if kind_of_question == "count":
+        true_count = answer.rstrip(".").lower()
+        other = rng.choice([w for w in vocab.COUNT_WORDS.values() if w != true_count])
+        return question, answer, other.capitalize() + "."
+    return question, answer, "No." if answer == "Yes." else "Yes."
+
+
+def error_injection_example(rng: random.Random, scene_id: str = "injection") -> str:
+    """One ``Question: .. Response: .. Modified response: ..`` example on a fresh (independent)
+    scene: a detailed caption with prior-typical errors (60%) or a short answer flipped (40%)."""
+    scene = sample_scene(rng, scene_id)
+    if rng.random() < 0.6:
+        question, response = rng.choice(CAPTION_PROMPTS), describe_scene(scene)
+        modified = describe_scene(inject_prior_errors(scene, rng))
+    else:
+        question, response, modified = _modified_short_answer(scene, rng)
+    return ERROR_INJECTION_EXAMPLE.format(question=question, response=response, modified=modified)
+
+
+def error_injection_documents(n_documents: int, seed: int = 0, max_examples: int = 3) -> list[str]:
+    """Table-1-format pretraining documents for the text LM, so it can do the injector's job.
+
+    Each document is 1..``max_examples`` examples in a row (a few-shot prompt and its completion);
+    a third start with the Table 1 instruction, and a third are wrapped in the chat roles of
+    ``bpo_ray.models.prompts.text_prompt`` with the last modified response as the assistant turn.
+    """
+    rng = random.Random(f"bias-world-injection:{seed}")
+    documents = []
+    for index in range(n_documents):
+        examples = [error_injection_example(rng, f"injection-{index}-{k}") for k in range(rng.randint(1, max_examples))]
+        style = rng.random()
+        if style < 1 / 3:
+            documents.append(" ".join(examples))
+        elif style < 2 / 3:
+            documents.append(" ".join([ERROR_INJECTION_INSTRUCTION, *examples]))
+        else:
+            head, _, last = examples[-1].rpartition(" Modified response: ")
+            shots = " ".join([ERROR_INJECTION_INSTRUCTION, *examples[:-1], head, "Modified response:"])
+            documents.append(f"{text_prompt(shots)} {last}")
+    return documents
+
+
+def chat_prior_documents(captions: Sequence[str], seed: int = 0) -> list[str]:
+    """Prior captions as chat turns (``USER: Describe ... ASSISTANT: <caption>``): the language
+    prior in the answer format, as Vicuna carries its text prior into LLaVA's chat format."""
+    rng = random.Random(f"bias-world-chat:{seed}")
+    return [f"{text_prompt(rng.choice(CAPTION_PROMPTS))} {caption}" for caption in captions]

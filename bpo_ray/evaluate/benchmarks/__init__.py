@@ -1,0 +1,1 @@
+"""One module per benchmark: loaders (public format + bias world), judge protocol, scorer."""
