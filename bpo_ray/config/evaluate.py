@@ -65,6 +65,9 @@ class MMVetSettings(StrictModel):
     data: Optional[str] = Field(None, description="mm-vet.json ({id: {imagename, question, answer, capability}})")
     images: Optional[str] = Field(None, description="directory holding the MM-Vet images")
     judge_attempts: int = Field(5, ge=1, description="re-asks of an unparsable grade before it counts 0.0 (as MM-Vet)")
+    grader_prompt_file: Optional[str] = Field(
+        None, description="text file (local or s3://) with MM-Vet's official grader prompt, for comparable scores"
+    )
     max_tokens: Optional[int] = Field(None, ge=1)
 
     @model_validator(mode="after")
@@ -83,6 +86,9 @@ class LlavaBenchSettings(StrictModel):
     context: Optional[str] = Field(None, description="context.jsonl ({image, caption})")
     images: Optional[str] = None
     max_tokens: Optional[int] = Field(None, ge=1)
+    rule_prompt_file: Optional[str] = Field(
+        None, description="text file (local or s3://) with LLaVA's own review rule, for comparable scores"
+    )
 
     @model_validator(mode="after")
     def _llava_needs_files(self) -> "LlavaBenchSettings":
@@ -98,8 +104,8 @@ class EvaluateConfig(StrictModel):
     world: Optional[str] = Field(None, description="bias-world directory for source=world (default: world.out)")
     max_items: Optional[int] = Field(None, ge=1, description="per benchmark (POPE: per split), first N in a fixed order")
     concurrency: int = Field(4, ge=1, description="model requests in flight, over all actors")
-    judge_concurrency: int = Field(4, ge=1, description="judge requests in flight, over all actors")
-    actors: int = Field(2, ge=1, description="Ray Data actors per stage (each runs concurrency/actors threads)")
+    judge_concurrency: int = Field(4, ge=1, description="judge requests in flight, over all actors (<= concurrency)")
+    actors: int = Field(1, ge=1, description="Ray Data actors (max pool size); each runs concurrency/actors threads")
     actor_num_cpus: float = Field(0.25, ge=0, description="HTTP callers are I/O bound: a fraction of a CPU")
     max_tokens: int = Field(64, ge=1)
     temperature: float = Field(0.0, ge=0)

@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+MAX_RAW_CHARS = 2000  # of a skipped input record kept in skipped.jsonl
+
 
 @dataclass
 class EvalItem:
@@ -50,6 +52,10 @@ class LoadedBenchmark:
     items: list[EvalItem]
     info: dict[str, Any] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
+    skipped_records: list[dict[str, Any]] = field(default_factory=list)
 
-    def skip(self, reason: str) -> None:
+    def skip(self, reason: str, raw: Any = None) -> None:
+        """Count an unusable input record and keep it (truncated) for ``skipped.jsonl``."""
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        text = raw if isinstance(raw, str) else json.dumps(raw, sort_keys=True, default=str)
+        self.skipped_records.append({"benchmark": self.name, "reason": reason, "raw": text[:MAX_RAW_CHARS]})

@@ -28,8 +28,8 @@ def read_json(uri: str) -> Any:
         raise BenchmarkDataError(f"{uri} is not valid JSON: {exc}") from exc
 
 
-def read_records(uri: str) -> tuple[list[dict[str, Any]], int]:
-    """Records of a JSON array or a JSON Lines file; returns ``(records, n_bad_lines)``."""
+def read_records(uri: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """Records of a JSON array or a JSON Lines file; returns ``(records, unusable entries as text)``."""
     try:
         text = storage.read_text(uri)
     except storage.StorageError as exc:
@@ -40,21 +40,23 @@ def read_records(uri: str) -> tuple[list[dict[str, Any]], int]:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise BenchmarkDataError(f"{uri} is not valid JSON: {exc}") from exc
-        records = [r for r in data if isinstance(r, dict)]
-        return records, len(data) - len(records)
-    records, bad = [], 0
+        if not isinstance(data, list):
+            raise BenchmarkDataError(f"{uri}: expected a JSON array or JSON Lines")
+        return [r for r in data if isinstance(r, dict)], [json.dumps(r) for r in data if not isinstance(r, dict)]
+    records: list[dict[str, Any]] = []
+    bad: list[str] = []
     for line in text.splitlines():
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            bad += 1
+            bad.append(line)
             continue
         if isinstance(record, dict):
             records.append(record)
         else:
-            bad += 1
+            bad.append(line)
     return records, bad
 
 

@@ -18,7 +18,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 from bpo_ray import storage
 from bpo_ray.config.evaluate import ChairSettings
-from bpo_ray.eval.chair import ObjectMentionExtractor, score_chair, synonyms_from_lines
+from bpo_ray.eval.chair import (ChairItem, ChairReport, ObjectMentionExtractor, prior_typical_share, score_chair,
+                                 synonyms_from_lines)
 from bpo_ray.evaluate.items import EvalItem, LoadedBenchmark, row_meta
 from bpo_ray.evaluate.judge import JudgeProtocol, JudgeRequest
 from bpo_ray.evaluate.sources import BenchmarkDataError, first_human_turn, load_world_split, read_json
@@ -65,7 +66,7 @@ def load_world(world_dir: str, settings: ChairSettings, max_items: Optional[int]
         if record["image"] in seen:
             continue
         if not record.get("objects"):
-            loaded.skip("no_objects")
+            loaded.skip("no_objects", record)
             continue
         seen.add(record["image"])
         question, _ = first_human_turn(record)
@@ -112,7 +113,7 @@ def load_coco(settings: ChairSettings, max_items: Optional[int]) -> LoadedBenchm
     loaded = LoadedBenchmark(NAME, [], {"source": "coco", "synonyms": synonyms})
     for image_id in sorted(files):
         if not truth.get(image_id):
-            loaded.skip("no_objects")
+            loaded.skip("no_objects", {"image_id": image_id, "file_name": files[image_id]})
             continue
         question = prompts[len(loaded.items) % len(prompts)]
         image = resolve_image_uri(files[image_id], settings.images)
@@ -155,32 +156,49 @@ OBJECT_LIST_JUDGE = JudgeProtocol(build=object_list_request, parse=parse_object_
 # Scorer
 
 
+def judged_item(listed: Sequence[str], ground_truth: Sequence[str], extractor: ObjectMentionExtractor) -> ChairItem:
+    """CHAIR details from the judge's object list: each listed name is matched on its own (joining
+    them would let "dog", "leash" read as the phrase "dog leash"); names outside the vocabulary
+    are dropped, as CHAIR ignores words that are not objects it knows."""
+    truth = sorted({extractor.canonical(name) for name in ground_truth})
+    mentioned = [m.canonical for name in listed for m in extractor.extract(name)]
+    return ChairItem(", ".join(listed), truth, mentioned, [name for name in mentioned if name not in truth])
+
+
+def chair_report(items: Sequence[ChairItem]) -> ChairReport:
+    """Aggregate per-caption CHAIR details exactly as ``bpo_ray.eval.chair.score_chair`` does."""
+    n_mentions = sum(len(item.mentioned) for item in items)
+    n_hallucinated = sum(len(item.hallucinated) for item in items)
+    n_truth = sum(len(item.ground_truth) for item in items)
+    n_recalled = sum(len(set(item.mentioned) & set(item.ground_truth)) for item in items)
+    return ChairReport(
+        chair_s=sum(item.is_hallucinated for item in items) / len(items) if items else 0.0,
+        chair_i=n_hallucinated / n_mentions if n_mentions else 0.0,
+        recall=n_recalled / n_truth if n_truth else 0.0,
+        n_captions=len(items), n_mentions=n_mentions, n_hallucinated_mentions=n_hallucinated, items=list(items))
+
+
 def score(rows: Sequence[Mapping[str, Any]], info: Mapping[str, Any], extractor_mode: str = "rules") -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """CHAIR over answered rows; returns ``(metrics, per-item details)``.
 
-    With the judge, each row's ``judge_value`` (the listed objects) is scored instead of the raw
-    answer: joining the list with commas lets the same whole-word synonym matcher canonicalise it.
+    ``rules``: mentions found in the answer with the synonym table (``score_chair``). ``judge``:
+    the objects the judge listed (each row's ``judge_value``), mapped through the same table.
     """
     synonyms = info["synonyms"]
-    texts, truths, used = [], [], []
-    for row in rows:
-        if extractor_mode == "judge":
-            listed = json.loads(row["judge_value"])
-            texts.append(", ".join(listed))
-        else:
-            texts.append(row["answer"])
-        truths.append(row_meta(row)["objects"])
-        used.append(row)
-    report = score_chair(texts, truths, synonyms)
+    truths = [row_meta(row)["objects"] for row in rows]
+    if extractor_mode == "judge":
+        extractor = ObjectMentionExtractor(synonyms)
+        report = chair_report([judged_item(json.loads(row["judge_value"]), truth, extractor)
+                               for row, truth in zip(rows, truths)])
+    else:
+        report = score_chair([row["answer"] for row in rows], truths, synonyms)
     metrics: dict[str, Any] = {**report.summary(), "extractor": extractor_mode}
     partners = info.get("prior_partners")
     if partners:
-        from bpo_ray.eval.chair import prior_typical_share
-
         metrics["prior_typical_share"] = prior_typical_share(report.items, partners)
     details = [
         {"id": row["id"], "mentioned": item.mentioned, "hallucinated": item.hallucinated,
          "ground_truth": item.ground_truth}
-        for row, item in zip(used, report.items)
+        for row, item in zip(rows, report.items)
     ]
     return metrics, details
