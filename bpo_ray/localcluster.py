@@ -92,7 +92,7 @@ class LocalCluster:
 
     def stop(self) -> None:
         """Stop every Ray process of this cluster (and only this one)."""
-        subprocess.run(_kill_cluster_cmd(self.temp_dir), shell=True, check=False)
+        kill_processes_matching(self.temp_dir)
 
     def __enter__(self) -> "LocalCluster":
         return self.start()
@@ -101,10 +101,34 @@ class LocalCluster:
         self.stop()
 
 
-def _kill_cluster_cmd(temp_dir: str) -> str:
-    # `ray stop` would stop every Ray instance of this user; this cluster's processes all carry
-    # its temp dir on their command line, so they can be singled out.
-    return f"pkill -TERM -f -- '{temp_dir}' ; sleep 2; pkill -KILL -f -- '{temp_dir}' ; true"
+def kill_processes_matching(needle: str, grace_s: float = 5.0) -> int:
+    """Terminate (then kill) processes whose command line contains ``needle``; returns how many.
+
+    ``ray stop`` would stop every Ray instance of this user; a cluster's processes all carry its
+    private temp dir on their command line, so they can be singled out.
+    """
+    import psutil
+
+    me = os.getpid()
+    procs = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if p.info["pid"] != me and needle in " ".join(p.info["cmdline"] or []):
+                procs.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    return len(procs)
 
 
 def submit_and_wait(dashboard_url: str, stage: str, args: Sequence[str], timeout_s: float = 1800,
