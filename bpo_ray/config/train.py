@@ -12,8 +12,10 @@ from bpo_ray.config.base import StrictModel
 class LoraConfig(StrictModel):
     """LoRA on the language model's linear layers (``target_modules`` are their short names).
 
-    ``train_projector`` also puts LoRA on the multimodal projector's linear layers (vLLM serves
-    those with ``enable_tower_connector_lora=True``); the vision tower always stays frozen.
+    ``train_projector`` also puts LoRA on the multimodal projector's linear layers. PEFT loads such
+    adapters; vLLM 0.32 cannot apply LoRA to LLaVA's connector (its tower-LoRA path fails on the
+    CLS position), so serve them from the merged model (``train.merge: true``). The vision tower
+    always stays frozen.
     """
 
     rank: int = Field(64, ge=1)

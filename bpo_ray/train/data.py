@@ -1,0 +1,202 @@
+"""Preference pairs for training: read, validate (fail fast), order, and encode batches.
+
+The driver validates once before any worker starts: the pairs must match ``PAIR_SCHEMA``, be
+non-empty, and every image they name must exist. Pairs whose prompt alone exceeds
+``max_length`` are dropped and listed (never silently). Workers then read the same Parquet
+files and take their slice of a seeded per-epoch order, so a run resumed from a checkpoint, on
+any number of workers, continues at the exact position it stopped.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+from bpo_ray import storage
+from bpo_ray.images import ImageError, load_image
+from bpo_ray.models.prompts import IMAGE_TOKEN
+from bpo_ray.schemas import PAIR_SCHEMA, SchemaError, read_parquet
+from bpo_ray.train.logprobs import EncodedPair, PromptTooLong, encode_pair, format_prompt
+
+
+class PairsError(ValueError):
+    """The pairs cannot be trained on; the message says which and why."""
+
+
+def pairs_location(uri: str) -> str:
+    """``uri`` itself, or ``uri/pairs`` when ``uri`` is a stage output directory."""
+    nested = storage.join(uri, "pairs")
+    return nested if storage.exists(nested) else uri
+
+
+def read_pairs(uri: str) -> pa.Table:
+    """All pairs under ``uri`` (a Parquet file, a directory of them, or a stage output dir)."""
+    location = pairs_location(uri)
+    if not storage.exists(location):
+        raise PairsError(f"no pairs at {uri}: path does not exist")
+    if not storage.list_files(location, ".parquet"):
+        raise PairsError(f"no pairs at {uri}: no .parquet files")
+    try:
+        table = read_parquet(location, PAIR_SCHEMA, what=f"pairs at {uri}")
+    except SchemaError as exc:
+        raise PairsError(f"pairs do not match the pair schema: {exc}") from exc
+    if table.num_rows == 0:
+        raise PairsError(f"no pairs at {uri}: the Parquet files hold 0 rows")
+    return table
+
+
+def check_images_exist(table: pa.Table, max_listed: int = 5, threads: int = 16) -> None:
+    """Raise ``PairsError`` naming the pairs whose image file is missing."""
+    uris = sorted(set(table.column("image").to_pylist()))
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        present = dict(zip(uris, pool.map(storage.exists, uris)))
+    missing = [u for u in uris if not present[u]]
+    if missing:
+        ids = [i for i, u in zip(table.column("id").to_pylist(), table.column("image").to_pylist()) if not present[u]]
+        raise PairsError(
+            f"{len(ids)} pairs name {len(missing)} images that do not exist, e.g. "
+            f"{', '.join(missing[:max_listed])} (pairs {', '.join(ids[:max_listed])})"
+        )
+
+
+def has_reference(table: pa.Table) -> bool:
+    """True when every pair carries both precomputed reference log-probs."""
+    return all(table.column(c).null_count == 0 for c in ("ref_chosen_logp", "ref_rejected_logp"))
+
+
+def prompt_token_counts(processor, table: pa.Table) -> list[int]:
+    """Prompt length of each pair in tokens, image tokens included (one image is decoded, to
+    learn how many tokens the processor expands ``<image>`` to)."""
+    image_token_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    first_image, _ = load_image(table.column("image")[0].as_py())
+    expanded = processor(images=[first_image], text=[IMAGE_TOKEN])["input_ids"][0]
+    n_image = sum(1 for t in expanded if t == image_token_id)
+    texts = [format_prompt(p) for p in table.column("prompt").to_pylist()]
+    return [len(ids) + (n_image - 1) * ids.count(image_token_id) for ids in processor.tokenizer(texts)["input_ids"]]
+
+
+@dataclass
+class PreparedPairs:
+    """What the driver hands the workers: the pairs' location and which rows to train on."""
+
+    uri: str
+    num_pairs: int
+    keep: list[int]
+    dropped: dict[str, list[str]] = field(default_factory=dict)  # reason -> pair ids
+    reference: bool = False
+
+
+def prepare_pairs(uri: str, processor, max_length: int, check_images: bool = True) -> PreparedPairs:
+    """Validate the pairs at ``uri`` for training; see the module docstring for the checks."""
+    table = read_pairs(uri)
+    if check_images:
+        check_images_exist(table)
+    lengths = prompt_token_counts(processor, table)
+    ids = table.column("id").to_pylist()
+    keep = [i for i, n in enumerate(lengths) if n < max_length]
+    too_long = [ids[i] for i, n in enumerate(lengths) if n >= max_length]
+    if not keep:
+        raise PairsError(f"all {len(ids)} prompts are longer than train.max_length={max_length} "
+                         f"(image tokens included; shortest has {min(lengths)} tokens)")
+    kept = table.take(keep)
+    return PreparedPairs(
+        uri=uri,
+        num_pairs=table.num_rows,
+        keep=keep,
+        dropped={"prompt_too_long": too_long} if too_long else {},
+        reference=has_reference(kept),
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(num_rows: int, seed: int, epoch: int) -> np.ndarray:
+    """The seeded order of rows in ``epoch`` (same on every worker, every restart)."""
+    digest = hashlib.sha256(f"bpo-ray-train:{seed}:{epoch}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little")).permutation(num_rows)
+
+
+class PairDataset:
+    """The kept pairs, encoded on demand; images are read once and cached (pairs share them)."""
+
+    def __init__(self, prepared: PreparedPairs, processor, max_length: int, image_cache: int = 1024):
+        table = read_pairs(prepared.uri).take(prepared.keep)
+        self.ids = table.column("id").to_pylist()
+        self.images = table.column("image").to_pylist()
+        self.image_sha256 = table.column("image_sha256").to_pylist()
+        self.prompts = table.column("prompt").to_pylist()
+        self.chosen = table.column("chosen").to_pylist()
+        self.rejected = table.column("rejected").to_pylist()
+        self.ref_chosen = table.column("ref_chosen_logp").to_pylist()
+        self.ref_rejected = table.column("ref_rejected_logp").to_pylist()
+        self.processor = processor
+        self.max_length = max_length
+        self._cache: OrderedDict[str, Image.Image] = OrderedDict()
+        self._cache_size = image_cache
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def image(self, i: int) -> Image.Image:
+        uri = self.images[i]
+        if uri not in self._cache:
+            try:
+                img, sha = load_image(uri)
+            except ImageError as exc:
+                raise PairsError(f"pair {self.ids[i]}: image {uri}: {exc}") from exc
+            if self.image_sha256[i] and sha != self.image_sha256[i]:
+                raise PairsError(f"pair {self.ids[i]}: image {uri} changed since the pair was made "
+                                 f"(sha256 {sha[:12]} != {self.image_sha256[i][:12]})")
+            self._cache[uri] = img
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        self._cache.move_to_end(uri)
+        return self._cache[uri]
+
+    def encode(self, i: int) -> EncodedPair:
+        try:
+            return encode_pair(self.processor, self.image(i), self.prompts[i], self.chosen[i],
+                               self.rejected[i], self.max_length)
+        except PromptTooLong as exc:  # prepare_pairs dropped these; reaching here is a bug
+            raise PairsError(f"pair {self.ids[i]}: {exc}") from exc
+
+    def reference_logps(self, rows: Sequence[int]) -> Optional[tuple[list[float], list[float]]]:
+        chosen = [self.ref_chosen[i] for i in rows]
+        rejected = [self.ref_rejected[i] for i in rows]
+        if any(v is None for v in chosen + rejected):
+            return None
+        return chosen, rejected
+
+
+@dataclass
+class DataPosition:
+    """Where training stands in the data: ``epoch`` and the ``offset`` into its order."""
+
+    epoch: int = 0
+    offset: int = 0
+    samples_seen: int = 0
+
+    def take(self, num_rows: int, global_batch: int, seed: int) -> np.ndarray:
+        """The next ``global_batch`` rows (advancing to a new epoch when too few remain)."""
+        if global_batch > num_rows:
+            raise PairsError(f"{num_rows} pairs cannot fill one global batch of {global_batch} "
+                             "(per_device_batch_size x workers); use fewer workers or a smaller batch")
+        if self.offset + global_batch > num_rows:
+            self.epoch, self.offset = self.epoch + 1, 0
+        rows = epoch_order(num_rows, seed, self.epoch)[self.offset:self.offset + global_batch]
+        self.offset += global_batch
+        self.samples_seen += global_batch
+        return rows
+
+
+def total_samples(num_rows: int, epochs: float) -> int:
+    """Samples a run of ``epochs`` epochs consumes (fractional epochs allowed)."""
+    return int(math.floor(num_rows * epochs))

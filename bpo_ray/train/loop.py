@@ -1,0 +1,409 @@
+"""The per-worker training loop that Ray Train runs on every worker (read it top to bottom).
+
+Each worker loads the MLLM, wraps it with LoRA, hands it to DeepSpeed (ZeRO-2/3, a plain torch
+AdamW), and then, step by step: takes its slice of the global batch, runs chosen and rejected
+through one forward pass, gets reference log-probs from the pairs (precomputed) or from the same
+model with the adapter off, and optimises the preference loss (or SFT on the chosen answers).
+
+State lives in Ray Train checkpoints: DeepSpeed's engine state (LoRA weights and optimizer
+shards), the consolidated adapter, and ``state.json`` (step, data position, schedule). A restarted
+worker group, or the same job submitted again, continues from the latest one; with a different
+number of workers (elastic resize) the adapter and position carry over and the optimizer moments
+start afresh, because ZeRO's optimizer shards are laid out per worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from bpo_ray import storage
+from bpo_ray.config.shared import ModelsConfig
+from bpo_ray.config.train import TrainConfig
+from bpo_ray.train.data import DataPosition, PairDataset, PreparedPairs, total_samples
+from bpo_ray.train.logprobs import collate_pairs, forward_logps
+from bpo_ray.train.losses import PreferenceLoss, sft_loss
+from bpo_ray.train.lora import apply_lora, reference_model, set_base_model_uri
+
+DS_TAG = "state"
+CHECKPOINTS_DIR = "checkpoints"  # the Ray Train run name: checkpoints live in OUT/checkpoints/
+FAIL_AT_STEP_ENV = "BPO_RAY_TRAIN_FAIL_AT_STEP"  # tests: kill one worker once at this step
+
+
+class WarmupCosine:
+    """Linear warmup then cosine decay to 0, as a function of the fraction of samples seen.
+
+    Driven by samples rather than steps so the schedule stays right when an elastic run resumes
+    with a different number of workers (and so a different number of samples per step).
+    """
+
+    def __init__(self, peak_lr: float, warmup_ratio: float, total_samples: int):
+        self.peak_lr, self.warmup_ratio, self.total = peak_lr, warmup_ratio, max(total_samples, 1)
+
+    def lr_at(self, samples_done: int) -> float:
+        progress = min(samples_done / self.total, 1.0)
+        if progress < self.warmup_ratio:
+            return self.peak_lr * progress / self.warmup_ratio
+        span = max(1.0 - self.warmup_ratio, 1e-12)
+        return self.peak_lr * 0.5 * (1.0 + math.cos(math.pi * (progress - self.warmup_ratio) / span))
+
+    def state_dict(self) -> dict:
+        return {"kind": "warmup_cosine", "peak_lr": self.peak_lr, "warmup_ratio": self.warmup_ratio,
+                "total_samples": self.total}
+
+
+@dataclass
+class TrainState:
+    """Everything besides tensors that a resumed run needs."""
+
+    step: int = 0
+    position: DataPosition = field(default_factory=DataPosition)
+    world_size: int = 0
+    scheduler: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrainState":
+        data = json.loads(text)
+        data["position"] = DataPosition(**data["position"])
+        return cls(**data)
+
+
+class MetricsLog:
+    """``metrics.jsonl`` on local disk (appended) or object storage (rewritten on ``flush``)."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.remote = storage.is_remote(uri)
+        self.lines: list[str] = []
+        if self.remote and storage.exists(uri):
+            self.lines = storage.read_text(uri).splitlines()
+
+    def write(self, record: dict) -> None:
+        line = json.dumps(record, sort_keys=True)
+        if self.remote:
+            self.lines.append(line)
+            return
+        path = storage.filesystem(self.uri)[1]
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+    def flush(self) -> None:
+        if self.remote:
+            storage.write_text(self.uri, "".join(line + "\n" for line in self.lines))
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def _all_reduce_max(value: float, device: torch.device) -> float:
+    t = torch.tensor([value], dtype=torch.float32, device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return float(t.item())
+
+
+def save_adapter(policy, out_dir: str, rank: int, zero_stage: int, base_model_uri: str) -> None:
+    """Consolidated PEFT adapter (safetensors) written by rank 0; ZeRO-3 gathers the shards first,
+    so every rank must call this."""
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    gathered = contextlib.nullcontext()
+    if zero_stage == 3:
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters(trainable, modifier_rank=None)
+    with gathered:
+        if rank == 0:
+            policy.save_pretrained(out_dir, safe_serialization=True)
+            set_base_model_uri(out_dir, base_model_uri)
+
+
+def _load_adapter_weights(policy, adapter_dir: str) -> None:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(policy, load_file(os.path.join(adapter_dir, "adapter_model.safetensors")))
+
+
+def _checkpoint_step(fs, path: str) -> Optional[int]:
+    try:
+        with fs.open_input_stream(f"{path}/state.json") as f:
+            return TrainState.from_json(f.read().decode()).step
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def latest_complete_checkpoint(out_uri: str) -> Optional[tuple[int, str]]:
+    """``(step, uri)`` of the newest checkpoint in ``out/checkpoints`` whose every part arrived:
+    ``state.json``, the adapter, and one ZeRO optimizer shard per rank of the run that wrote it.
+
+    Ray Train only hands a restarted worker group the checkpoints its controller had registered;
+    a worker killed right after uploading one can beat that registration. The files are already
+    in storage then, so looking there as well makes the resume point the real latest one.
+    """
+    best: Optional[tuple[int, str]] = None
+    files = storage.list_files(storage.join(out_uri, CHECKPOINTS_DIR))
+    by_dir: dict[str, list[str]] = {}
+    for f in files:
+        rel = f[len(storage.join(out_uri, CHECKPOINTS_DIR)) + 1:]
+        if rel.startswith("checkpoint_") and "/" in rel:
+            by_dir.setdefault(rel.split("/", 1)[0], []).append(rel.split("/", 1)[1])
+    for name, parts in by_dir.items():
+        uri = storage.join(out_uri, CHECKPOINTS_DIR, name)
+        if "state.json" not in parts or "adapter/adapter_model.safetensors" not in parts:
+            continue
+        try:
+            state = TrainState.from_json(storage.read_text(storage.join(uri, "state.json")))
+        except (storage.StorageError, ValueError, KeyError, TypeError):
+            continue
+        shards = [p for p in parts if p.startswith("deepspeed/") and p.endswith("_optim_states.pt")]
+        if len(shards) == state.world_size and (best is None or state.step > best[0]):
+            best = (state.step, uri)
+    return best
+
+
+def _resume_point(checkpoint, out_uri: str, rank: int) -> Optional[tuple[str, Any, str]]:
+    """``(source, filesystem, path)`` of the checkpoint to resume from, decided by rank 0 (so all
+    ranks restore the same one): Ray Train's latest, or a newer complete one found in storage."""
+    choice = None
+    if rank == 0:
+        candidates = []
+        if checkpoint is not None:
+            candidates.append((_checkpoint_step(checkpoint.filesystem, checkpoint.path) or -1, "ray",
+                               checkpoint.path))
+        found = latest_complete_checkpoint(out_uri)
+        if found is not None:
+            candidates.append((found[0], "storage", storage.filesystem(found[1])[1]))
+        if candidates:
+            step, source, path = max(candidates, key=lambda c: (c[0], c[1] == "ray"))
+            choice = (source, path)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        box = [choice]
+        torch.distributed.broadcast_object_list(box, src=0)
+        choice = box[0]
+    if choice is None:
+        return None
+    return choice[0], storage.filesystem(out_uri)[0], choice[1]
+
+
+def _maybe_fail(step: int, rank: int, world: int, out_uri: str) -> None:
+    """Test hook: the last worker process dies (hard exit) once, at the start of ``step``."""
+    fail_at = os.environ.get(FAIL_AT_STEP_ENV)
+    if not fail_at or int(fail_at) != step or rank != world - 1:
+        return
+    marker = storage.join(out_uri, f".injected-failure-step-{step}")
+    if storage.exists(marker):
+        return
+    storage.write_text(marker, f"worker {rank} killed at step {step}\n")
+    print(f"[bpo-ray train] injected failure: worker {rank} exits at step {step}", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
+def _micro_step(engine, dataset: PairDataset, rows, train: TrainConfig, loss_fn, device, dtype,
+                use_reference_columns: bool, counters: dict) -> tuple[torch.Tensor, dict]:
+    pad_id = dataset.processor.tokenizer.pad_token_id
+    encoded = [dataset.encode(int(i)) for i in rows]
+    n = len(encoded)
+    if train.mode == "sft":
+        batch = collate_pairs(encoded, pad_id, with_rejected=False)
+        seq, tok, mask = forward_logps(engine, batch, train.average_logp, device, dtype)
+        loss = sft_loss(tok, mask)
+        return loss, {"loss": loss.item() * n, "chosen_logp": seq.detach().sum().item(), "n": n}
+
+    batch = collate_pairs(encoded, pad_id, with_rejected=True)
+    seq, _, _ = forward_logps(engine, batch, train.average_logp, device, dtype)
+    chosen, rejected = seq[:n], seq[n:]
+    refs = dataset.reference_logps([int(i) for i in rows]) if use_reference_columns else None
+    if refs is None:
+        with torch.no_grad(), reference_model(engine.module):
+            ref_seq, _, _ = forward_logps(engine.module, batch, train.average_logp, device, dtype)
+        ref_chosen, ref_rejected = ref_seq[:n], ref_seq[n:]
+        counters["ref_forwards"] += 1
+    else:
+        ref_chosen = torch.tensor(refs[0], dtype=seq.dtype, device=seq.device)
+        ref_rejected = torch.tensor(refs[1], dtype=seq.dtype, device=seq.device)
+    out = loss_fn(chosen, rejected, ref_chosen, ref_rejected)
+    loss = out.losses.mean()
+    margin = out.chosen_rewards - out.rejected_rewards
+    return loss, {
+        "loss": out.losses.detach().sum().item(),
+        "reward_margin": margin.sum().item(),
+        "reward_accuracy": (margin > 0).float().sum().item(),
+        "chosen_reward": out.chosen_rewards.sum().item(),
+        "rejected_reward": out.rejected_rewards.sum().item(),
+        "chosen_logp": chosen.detach().sum().item(),
+        "rejected_logp": rejected.detach().sum().item(),
+        "ref_chosen_logp": ref_chosen.detach().sum().item(),
+        "ref_rejected_logp": ref_rejected.detach().sum().item(),
+        "n": n,
+    }
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point; ``config`` comes from ``bpo_ray.train.trainer.run_training``."""
+    import ray.train
+    import ray.train.torch
+
+    started = time.perf_counter()
+    train = TrainConfig.model_validate(config["train"])
+    models = ModelsConfig.model_validate(config["models"])
+    prepared = PreparedPairs(**config["pairs"])
+    out_uri: str = config["out"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    dtype = torch.bfloat16 if train.precision == "bf16" else None
+
+    t0 = time.perf_counter()
+    import deepspeed
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # its JIT build costs minutes on CPU
+    deepspeed_import_s = time.perf_counter() - t0
+
+    from bpo_ray.models.loading import load_mllm
+
+    torch.manual_seed(train.seed)
+    t0 = time.perf_counter()
+    model, processor = load_mllm(models.mllm, dtype=models.dtype, device=str(device), cache_dir=models.cache_dir)
+    processor.tokenizer.padding_side = "right"
+    policy = apply_lora(model, train.lora)
+    policy.train()
+    model_load_s = time.perf_counter() - t0
+
+    state = TrainState(world_size=world)
+    restore_dir: Optional[str] = None
+    resume = _resume_point(ray.train.get_checkpoint(), out_uri, rank)
+    resume_source = None
+    if resume is not None:
+        resume_source, fs, path = resume
+        restore_dir = tempfile.mkdtemp(prefix="bpo-restore-")
+        ray.train.Checkpoint(path=path, filesystem=fs).to_directory(restore_dir)
+        state = TrainState.from_json(open(os.path.join(restore_dir, "state.json")).read())
+        if state.world_size != world:  # elastic resize: adapter and position carry over
+            _load_adapter_weights(policy, os.path.join(restore_dir, "adapter"))
+
+    from bpo_ray.train.zero import fill_deepspeed_config
+
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=train.lr,
+                                  weight_decay=train.weight_decay)
+    t0 = time.perf_counter()
+    engine, _, _, _ = deepspeed.initialize(model=policy, optimizer=optimizer,
+                                           config=fill_deepspeed_config(config["deepspeed"], train, world))
+    deepspeed_init_s = time.perf_counter() - t0
+    resumed_from = None
+    if restore_dir is not None:
+        if state.world_size == world:
+            engine.load_checkpoint(os.path.join(restore_dir, "deepspeed"), tag=DS_TAG, load_module_strict=False,
+                                   load_optimizer_states=True, load_lr_scheduler_states=False)
+        resumed_from = state.step
+        shutil.rmtree(restore_dir, ignore_errors=True)
+    state.world_size = world
+
+    dataset = PairDataset(prepared, processor, train.max_length)
+    micro = train.per_device_batch_size
+    global_micro = micro * world
+    step_samples = global_micro * train.grad_accum
+    total = total_samples(len(dataset), train.epochs)
+    if total < step_samples:
+        raise ValueError(f"{len(dataset)} pairs x {train.epochs} epochs = {total} samples cannot fill one "
+                         f"optimizer step of {step_samples} (batch {micro} x accum {train.grad_accum} x {world} workers)")
+    schedule = WarmupCosine(train.lr, train.warmup_ratio, total)
+    state.scheduler = schedule.state_dict()
+    steps_total = state.step + (total - state.position.samples_seen) // step_samples
+    if train.max_steps:
+        steps_total = min(steps_total, train.max_steps)
+    loss_fn = PreferenceLoss(train.loss, train.beta, train.label_smoothing) if train.mode == "dpo" else None
+    counters = {"ref_forwards": 0}
+
+    log = MetricsLog(storage.join(out_uri, "metrics.jsonl")) if rank == 0 else None
+    if log:
+        log.write({"event": "start", "time": time.time(), "world_size": world, "resumed_from_step": resumed_from,
+                   "resumed_from": resume_source,
+                   "steps_total": steps_total, "pairs": len(dataset), "reference": "precomputed"
+                   if config["use_reference_columns"] else "adapter_disabled",
+                   "deepspeed_import_s": round(deepspeed_import_s, 3), "deepspeed_init_s": round(deepspeed_init_s, 3),
+                   "model_load_s": round(model_load_s, 3), "worker_start_s": round(time.perf_counter() - started, 3)})
+    progress = None
+    if rank == 0:
+        from tqdm import tqdm
+
+        progress = tqdm(total=steps_total, initial=state.step, desc=f"{train.mode} (ZeRO-{train.zero_stage}, {world} workers)",
+                        file=sys.stderr, mininterval=5.0)
+
+    def checkpoint_and_report(metrics: dict, final: bool = False) -> None:
+        tmp = tempfile.mkdtemp(prefix="bpo-ckpt-")
+        engine.save_checkpoint(os.path.join(tmp, "deepspeed"), tag=DS_TAG, exclude_frozen_parameters=True)
+        save_adapter(engine.module, os.path.join(tmp, "adapter"), rank, train.zero_stage, models.mllm)
+        if rank == 0:
+            with open(os.path.join(tmp, "state.json"), "w") as f:
+                f.write(state.to_json())
+            if final:
+                storage.upload_dir(os.path.join(tmp, "adapter"), storage.join(out_uri, "adapter"))
+            log.flush()
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    while state.step < steps_total:
+        _maybe_fail(state.step + 1, rank, world, out_uri)
+        t_step = time.perf_counter()
+        lr = schedule.lr_at(state.position.samples_seen + step_samples)
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr
+        sums: dict[str, float] = {}
+        for _ in range(train.grad_accum):
+            rows = state.position.take(len(dataset), global_micro, train.seed)[rank * micro:(rank + 1) * micro]
+            loss, stats = _micro_step(engine, dataset, rows, train, loss_fn, device, dtype,
+                                      config["use_reference_columns"], counters)
+            engine.backward(loss)
+            engine.step()
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v
+        state.step += 1
+        keys = sorted(sums)
+        reduced = dict(zip(keys, _all_reduce_sum([sums[k] for k in keys], device)))
+        n = reduced.pop("n")
+        elapsed = time.perf_counter() - t_step
+        metrics = {k: v / n for k, v in reduced.items()}
+        metrics.update(step=state.step, epoch=state.position.epoch, samples_seen=state.position.samples_seen,
+                       lr=lr, samples_per_s=step_samples / elapsed, step_time_s=elapsed, world_size=world,
+                       ref_forwards=counters["ref_forwards"], mode=train.mode,
+                       peak_rss_mb=_all_reduce_max(peak_rss_mb(), device))
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
+        if log and (state.step % train.log_every == 0 or state.step == steps_total):
+            log.write({"time": time.time(), **metrics})
+            line = (f"step {state.step}/{steps_total} loss {metrics['loss']:.4f} lr {lr:.2e} "
+                    f"{metrics['samples_per_s']:.2f} samples/s")
+            if train.mode == "dpo":
+                line += (f" margin {metrics['reward_margin']:.4f} acc {metrics['reward_accuracy']:.2f}"
+                         f" logp chosen {metrics['chosen_logp']:.2f} rejected {metrics['rejected_logp']:.2f}")
+            print(f"[bpo-ray train] {line}", flush=True)
+        if state.step % train.checkpoint_every == 0 or state.step == steps_total:
+            checkpoint_and_report(metrics, final=state.step == steps_total)  # the last one exports the adapter
+        elif state.step % train.log_every == 0:
+            ray.train.report(metrics)
+    if progress is not None:
+        progress.close()

@@ -1,0 +1,183 @@
+"""The train stage's driver: validate everything that can be checked up front, run Ray Train's
+``TorchTrainer`` (DeepSpeed ZeRO inside each worker), then write the run's outputs.
+
+Output layout under ``out`` (local or ``s3://``)::
+
+    adapter/          PEFT LoRA adapter (safetensors): PeftModel.from_pretrained and vLLM LoRA
+    checkpoints/      Ray Train checkpoints (DeepSpeed state, adapter, state.json); resume point
+    metrics.jsonl     one record per step (+ start events), written by rank 0
+    logps.png         chosen/rejected log-probs over training (paper Figure 6)
+    manifest.json     counts (pairs in = trained on + dropped), config, versions, timings
+    dropped_pairs.json  ids of pairs left out, by reason (only when some were)
+    merged/           the adapter merged into the base model (train.merge)
+
+Submitting the same job again (same ``out``) continues from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+from bpo_ray import storage
+from bpo_ray.config import BPOConfig
+from bpo_ray.config.shared import ModelsConfig
+from bpo_ray.config.train import LoraConfig, TrainConfig
+from bpo_ray.schemas import Manifest, ManifestCounts, library_versions, read_manifest
+from bpo_ray.train.data import PairsError, PreparedPairs, pairs_location, prepare_pairs
+from bpo_ray.train.loop import CHECKPOINTS_DIR, FAIL_AT_STEP_ENV, train_loop_per_worker
+from bpo_ray.train.lora import resolve_targets
+from bpo_ray.train.plots import plot_logps, read_metrics
+from bpo_ray.train.zero import load_deepspeed_template
+
+RUN_NAME = CHECKPOINTS_DIR
+
+
+@dataclass
+class TrainResult:
+    out: str
+    steps: int
+    final_metrics: dict
+    adapter: str
+    merged: Optional[str]
+    prepared: PreparedPairs
+    reference: str  # "precomputed" or "adapter_disabled"
+    wall_s: float
+
+
+def check_lora_targets(model_path: str, lora: LoraConfig) -> list[str]:
+    """Resolve LoRA targets on an empty (meta-device) copy of the model: no weights are read."""
+    import torch
+    from transformers import AutoConfig, LlavaForConditionalGeneration
+
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration._from_config(AutoConfig.from_pretrained(model_path))
+    return resolve_targets(model, lora)
+
+
+def check_reference_settings(pairs_uri: str, train: TrainConfig, models: ModelsConfig) -> None:
+    """Precomputed reference log-probs must be computed the way training computes the policy's."""
+    manifest_uri = storage.join(pairs_location(pairs_uri).rsplit("/pairs", 1)[0], "manifest.json")
+    if not storage.exists(manifest_uri):
+        return  # produced elsewhere (e.g. another tool): trusted as given
+    manifest = read_manifest(manifest_uri)
+    settings = manifest.config.get("reference_settings")
+    if manifest.stage != "reference" or not settings:
+        return
+    expected = {"average_logp": train.average_logp, "max_length": train.max_length}
+    wrong = {k: (settings.get(k), v) for k, v in expected.items() if settings.get(k) != v}
+    if wrong:
+        detail = ", ".join(f"{k}: pairs have {a!r}, train has {b!r}" for k, (a, b) in wrong.items())
+        raise PairsError(f"reference log-probs in {pairs_uri} were computed with other settings ({detail}); "
+                         "rerun `bpo-ray reference` or set train.use_precomputed_reference=false")
+
+
+def _run_config(train: TrainConfig, out_uri: str):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+
+    fs, path = storage.filesystem(out_uri)
+    env = {"TOKENIZERS_PARALLELISM": "false"}
+    if os.environ.get(FAIL_AT_STEP_ENV):
+        env[FAIL_AT_STEP_ENV] = os.environ[FAIL_AT_STEP_ENV]
+    for key in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION"):  # not secrets; credentials come from the nodes
+        if os.environ.get(key):
+            env[key] = os.environ[key]
+    return RunConfig(
+        name=RUN_NAME,
+        storage_path=path,
+        storage_filesystem=fs,
+        failure_config=FailureConfig(max_failures=train.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=train.checkpoints_to_keep),
+        worker_runtime_env={"env_vars": env},
+    )
+
+
+def run_training(cfg: BPOConfig, pairs_uri: str, out_uri: str) -> TrainResult:
+    """Train (DPO or SFT per ``cfg.train.mode``) on the pairs at ``pairs_uri``; outputs go to ``out_uri``."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from transformers import AutoProcessor
+
+    from bpo_ray.models.loading import resolve_model_path
+    from bpo_ray.raycluster import init_ray
+
+    started = time.perf_counter()
+    train, models = cfg.train, cfg.models
+    if train.lora.train_projector and not train.merge:
+        print("bpo-ray train: note: an adapter with projector LoRA loads in PEFT but not as a vLLM LoRA "
+              "adapter; set train.merge=true to also get a merged model vLLM can serve", file=sys.stderr)
+    template = load_deepspeed_template(train)
+    model_path = resolve_model_path(models.mllm, models.cache_dir)
+    check_lora_targets(model_path, train.lora)
+    processor = AutoProcessor.from_pretrained(model_path)
+    prepared = prepare_pairs(pairs_uri, processor, train.max_length)
+    use_reference_columns = train.mode == "dpo" and train.use_precomputed_reference and prepared.reference
+    if use_reference_columns:
+        check_reference_settings(pairs_uri, train, models)
+
+    validated_s = time.perf_counter() - started
+    init_ray(cfg.ray)
+    config = {
+        "train": train.model_dump(mode="json"),
+        "models": models.model_dump(mode="json"),
+        "pairs": asdict(prepared),
+        "deepspeed": template,
+        "out": out_uri,
+        "use_reference_columns": use_reference_columns,
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu),
+        run_config=_run_config(train, out_uri),
+    )
+    fit_started = time.perf_counter()
+    result = trainer.fit()
+    fit_s = time.perf_counter() - fit_started
+    final_metrics = dict(result.metrics or {})
+
+    records = read_metrics(storage.join(out_uri, "metrics.jsonl"))
+    plot_logps(records, storage.join(out_uri, "logps.png"),
+               title=f"{train.mode.upper()} ({train.loss if train.mode == 'dpo' else 'NLL'}, beta={train.beta})")
+    merged = None
+    if train.merge:
+        merged = _merge(cfg, out_uri)
+    if prepared.dropped:
+        storage.write_text(storage.join(out_uri, "dropped_pairs.json"), json.dumps(prepared.dropped, indent=2))
+    wall = time.perf_counter() - started
+    n_dropped = sum(len(v) for v in prepared.dropped.values())
+    manifest = Manifest(
+        stage="train",
+        counts=ManifestCounts(items_in=prepared.num_pairs, paired=len(prepared.keep), filtered=n_dropped,
+                              by_reason={k: len(v) for k, v in prepared.dropped.items()}),
+        config={**cfg.model_dump(mode="json"), "pairs": pairs_uri,
+                "reference": "precomputed" if use_reference_columns else "adapter_disabled"},
+        versions=library_versions(),
+        timings={"wall_s": round(wall, 3), "validate_s": round(validated_s, 3), "fit_s": round(fit_s, 3)},
+    )
+    storage.write_text(storage.join(out_uri, "manifest.json"), manifest.model_dump_json(indent=2))
+    return TrainResult(
+        out=out_uri,
+        steps=int(final_metrics.get("step", records[-1]["step"] if records else 0)),
+        final_metrics=final_metrics,
+        adapter=storage.join(out_uri, "adapter"),
+        merged=merged,
+        prepared=prepared,
+        reference="precomputed" if use_reference_columns else "adapter_disabled",
+        wall_s=wall,
+    )
+
+
+def _merge(cfg: BPOConfig, out_uri: str) -> str:
+    """Merge in a Ray task, so a big model's merge runs on a worker node, not the job driver."""
+    import ray
+
+    from bpo_ray.train.export import export_merged
+
+    task = ray.remote(num_cpus=1)(export_merged)
+    return ray.get(task.remote(cfg.models.mllm, storage.join(out_uri, "adapter"), storage.join(out_uri, "merged"),
+                               cfg.models.dtype, cfg.models.cache_dir))

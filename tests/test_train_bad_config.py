@@ -1,0 +1,104 @@
+"""Train stage: bad configuration and bad pairs fail fast, before any Ray worker starts, with a
+message that names the problem (the `bpo-ray train` command exits 2)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from bpo_ray.config import ConfigError, load_config
+from bpo_ray.train import cli
+from train_pairs import build_pairs_rows, write_pairs
+
+
+@pytest.fixture(scope="module")
+def good_pairs(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("pairs")
+    return write_pairs(build_pairs_rows(str(root / "world"), n_scenes=8, limit=8), str(root / "gen"))
+
+
+def _train(capsys, tiny_models, pairs: str, out: str, *overrides: str) -> tuple[int, str]:
+    argv = ["--pairs", pairs, "--out", out, "--set", f"models.mllm={tiny_models['mllm']}"]
+    for o in overrides:
+        argv += ["--set", o]
+    try:
+        rc = cli.main(argv)
+    except SystemExit as exc:  # config errors exit from argparse-level helpers
+        rc = exc.code
+    err = capsys.readouterr().err
+    assert not os.path.exists(os.path.join(out, "checkpoints")), "nothing may start for a bad config"
+    return rc, err
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("train.beta=0", "'train.beta' = 0"),
+    ("train.beta=-0.1", "'train.beta' = -0.1"),
+    ("train.zero_stage=4", "ZeRO stage 4 does not exist"),
+    ("train.loss=conservative", "needs label_smoothing in (0, 0.5)"),
+    ("train.precision=bf16", "bf16 needs use_gpu"),
+])
+def test_bad_values_fail_at_config_load(override, needle):
+    with pytest.raises(ConfigError) as info:
+        load_config("tiny", [override])
+    assert needle in str(info.value)
+
+
+def test_cli_reports_config_error(capsys, tiny_models, good_pairs, tmp_path):
+    rc, err = _train(capsys, tiny_models, good_pairs, str(tmp_path / "o"), "train.zero_stage=7")
+    assert rc == 2 and "ZeRO stage 7 does not exist" in err
+
+
+def test_unknown_target_modules_list_the_available_ones(capsys, tiny_models, good_pairs, tmp_path):
+    rc, err = _train(capsys, tiny_models, good_pairs, str(tmp_path / "o"), "train.lora.target_modules=[q_proj,qkv_proj,fc1]")
+    assert rc == 2
+    assert "['qkv_proj', 'fc1'] are not linear layers of the language model" in err
+    assert "available: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj" in err
+
+
+def test_empty_pairs(capsys, tiny_models, tmp_path):
+    from bpo_ray.schemas import PAIR_SCHEMA
+
+    os.makedirs(tmp_path / "p" / "pairs")
+    pq.write_table(PAIR_SCHEMA.empty_table(), tmp_path / "p" / "pairs" / "part-0.parquet")
+    rc, err = _train(capsys, tiny_models, str(tmp_path / "p"), str(tmp_path / "o"))
+    assert rc == 2 and "0 rows" in err
+
+
+def test_no_pairs_at_path(capsys, tiny_models, tmp_path):
+    rc, err = _train(capsys, tiny_models, str(tmp_path / "nowhere"), str(tmp_path / "o"))
+    assert rc == 2 and "path does not exist" in err
+
+
+def test_schema_violating_pairs(capsys, tiny_models, good_pairs, tmp_path):
+    table = pq.read_table(os.path.join(good_pairs, "pairs", "part-0.parquet"))
+    bad = table.drop_columns(["rejected"])
+    os.makedirs(tmp_path / "p" / "pairs")
+    pq.write_table(bad, tmp_path / "p" / "pairs" / "part-0.parquet")
+    rc, err = _train(capsys, tiny_models, str(tmp_path / "p"), str(tmp_path / "o"))
+    assert rc == 2 and "do not match the pair schema" in err and "missing columns ['rejected']" in err
+
+    nulls = table.set_column(table.schema.get_field_index("chosen"), "chosen",
+                             pa.array([None] + table.column("chosen").to_pylist()[1:], pa.string()))
+    pq.write_table(nulls, tmp_path / "p" / "pairs" / "part-0.parquet")
+    rc, err = _train(capsys, tiny_models, str(tmp_path / "p"), str(tmp_path / "o"))
+    assert rc == 2 and "column 'chosen' has 1 nulls" in err
+
+
+def test_pairs_with_missing_images(capsys, tiny_models, good_pairs, tmp_path):
+    rows = build_pairs_rows(str(tmp_path / "world"), n_scenes=8, limit=6)
+    gone = rows[0]["image"]
+    write_pairs(rows, str(tmp_path / "p"))
+    os.remove(gone)
+    rc, err = _train(capsys, tiny_models, str(tmp_path / "p"), str(tmp_path / "o"))
+    assert rc == 2 and "images that do not exist" in err and gone in err and rows[0]["id"] in err
+
+
+def test_deepspeed_file_disagreeing_with_stage(capsys, tiny_models, good_pairs, tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    rc, err = _train(capsys, tiny_models, good_pairs, str(tmp_path / "o"), f"train.deepspeed_config={ds}", "train.zero_stage=2")
+    assert rc == 2 and "sets ZeRO stage 3 but train.zero_stage is 2" in err
