@@ -2,21 +2,33 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from bpo_ray.config.base import StrictModel
 
 
 class PoolConfig(StrictModel):
-    """An autoscaling Ray Data actor pool; fractional CPUs/GPUs are allowed."""
+    """An autoscaling Ray Data actor pool; fractional CPUs/GPUs are allowed.
+
+    ``max_restarts`` / ``max_task_retries`` (-1 = unlimited) let a killed actor be replaced and
+    its in-flight batches retried, so the job still completes.
+    """
 
     min_size: int = Field(1, ge=1)
     max_size: int = Field(1, ge=1)
     num_cpus: float = Field(0.5, ge=0)
     num_gpus: float = Field(0.0, ge=0)
     batch_size: int = Field(8, ge=1)
+    max_restarts: int = Field(-1, ge=-1)
+    max_task_retries: int = Field(-1, ge=-1)
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> "PoolConfig":
+        if self.min_size > self.max_size:
+            raise ValueError(f"pool min_size {self.min_size} > max_size {self.max_size}")
+        return self
 
 
 class NoiseConfig(StrictModel):
@@ -30,7 +42,16 @@ class NoiseConfig(StrictModel):
     def _steps_in_range(cls, v: list[int]) -> list[int]:
         if not v or any(s < 0 for s in v):
             raise ValueError("need at least one non-negative noise step")
+        if len(set(v)) != len(v):
+            raise ValueError(f"noise steps must be distinct, got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _steps_below_t(self) -> "NoiseConfig":
+        bad = [s for s in self.steps if s >= self.num_steps]
+        if bad:
+            raise ValueError(f"noise steps {bad} must be < num_steps {self.num_steps}")
+        return self
 
 
 class SamplingConfig(StrictModel):
@@ -39,29 +60,64 @@ class SamplingConfig(StrictModel):
     top_p: float = Field(1.0, gt=0, le=1)
 
 
+class InjectionSamplingConfig(SamplingConfig):
+    """Error-injection sampling; the reference code samples at temperature 0.8, top_p 0.95.
+
+    (A subclass, not ``SamplingConfig(temperature=0.8)``: an override of one key such as
+    ``generate.injector.sampling.max_new_tokens=32`` must keep these defaults.)
+    """
+
+    temperature: float = Field(0.8, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+
+
+class JudgeSamplingConfig(SamplingConfig):
+    """Judge-ranked sampling: seed 002 samples its N completions at temperature 0.7."""
+
+    temperature: float = Field(0.7, ge=0)
+
+
 class SamplerConfig(StrictModel):
+    """The image-weakened sampler (and the MLLM that judge-ranked sampling uses)."""
+
     backend: Literal["transformers", "vllm"] = "transformers"
     noise: NoiseConfig = NoiseConfig()
     sampling: SamplingConfig = SamplingConfig()
     pool: PoolConfig = PoolConfig()
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="extra vllm.LLM arguments (e.g. gpu_memory_utilization)")
 
 
 class InjectorConfig(StrictModel):
     backend: Literal["transformers", "vllm"] = "transformers"
-    sampling: SamplingConfig = SamplingConfig(temperature=0.8, top_p=0.95)
+    sampling: InjectionSamplingConfig = InjectionSamplingConfig()
     pool: PoolConfig = PoolConfig()
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="extra vLLM engine arguments for ray.data.llm")
 
 
 class JudgeRankedConfig(StrictModel):
-    judge_url: Optional[str] = None
+    """Seed 002's judge-ranked pairs: N samples, judge scores, best vs a clearly worse one."""
+
+    judge_url: Optional[str] = Field(None, description="base URL of any OpenAI-compatible API")
     judge_model: str = "gpt-4"
+    judge_key_env: str = Field("OPENAI_API_KEY", description="env var holding the judge API key")
     num_samples: int = Field(4, ge=2)
     min_score_gap: float = Field(2.0, ge=0)
+    sampling: JudgeSamplingConfig = JudgeSamplingConfig()
+    send_image: bool = Field(True, description="attach the image as a data URL (vision judges)")
+    timeout_s: float = Field(60.0, gt=0)
+    max_retries: int = Field(3, ge=0)
+    pool: PoolConfig = PoolConfig()
 
 
 class FilterConfig(StrictModel):
+    """Drop degenerate negatives; each drop is counted by reason in the manifest."""
+
     min_chars: int = Field(1, ge=0)
     max_length_ratio: float = Field(4.0, gt=1)
+    length_floor_words: int = Field(4, ge=1, description="word counts below this count as this")
+    require_content_change: bool = True
 
 
 class GenerateConfig(StrictModel):
@@ -70,7 +126,21 @@ class GenerateConfig(StrictModel):
     )
     seed: int = 0
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1)
+    max_text_chars: int = Field(20000, ge=1, description="longer questions/answers are quarantined")
+    shard_size: int = Field(64, ge=1, description="items per resumable output shard")
+    max_items: Optional[int] = Field(None, ge=1, description="only the first N items (smoke runs)")
+    io_num_cpus: float = Field(0.25, ge=0, description="CPUs per image-loading / pair-building task")
+    progress: bool = True
     sampler: SamplerConfig = SamplerConfig()
     injector: InjectorConfig = InjectorConfig()
     judge_ranked: JudgeRankedConfig = JudgeRankedConfig()
     filters: FilterConfig = FilterConfig()
+
+    @field_validator("strategies")
+    @classmethod
+    def _distinct(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("need at least one strategy")
+        if len(set(v)) != len(v):
+            raise ValueError(f"strategies must be distinct, got {v}")
+        return v

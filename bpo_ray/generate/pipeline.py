@@ -1,0 +1,202 @@
+"""The generate job: source items -> Ray Data stages -> resumable pair/quarantine shards + manifest.
+
+::
+
+    read_source (driver: records -> items, bad records quarantined)
+      -> from_items -> load_images (tasks; bad images quarantined)
+      -> ImageWeakenedSampler / JudgeRankedSampler   (autoscaling actor pools)
+      -> ErrorInjector (actors) | ray.data.llm vLLM processor
+      -> build_outcomes (tasks: filters, pair rows)
+      -> driver: group by shard, commit each shard atomically (ShardStore), manifest
+
+Every row (quarantined ones too) flows through every stage, so each shard's outcome count is
+known exactly and a shard is committed the moment its last item arrives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections import Counter, defaultdict
+from typing import Any, Optional
+
+from bpo_ray import storage
+from bpo_ray.config import BPOConfig
+from bpo_ray.config.generate import PoolConfig
+from bpo_ray.generate.error_injection import ErrorInjector, error_injection_processor
+from bpo_ray.generate.image_loader import load_images
+from bpo_ray.generate.image_weakened import ImageWeakenedSampler
+from bpo_ray.generate.judge_ranked import JudgeRankedSampler
+from bpo_ray.generate.pairs import build_outcomes
+from bpo_ray.generate.shards import ShardStore, total_counts
+from bpo_ray.generate.sources import ITEM_COLUMNS, assign_shards, read_source
+from bpo_ray.schemas import Manifest, library_versions, write_manifest
+
+IMAGE_STRATEGIES = ("image_weakened", "judge_ranked")
+# Settings that may change between a run and its resume (they do not change what is generated).
+RUNTIME_ONLY = ("progress", "io_num_cpus")
+
+
+def pool_kwargs(pool: PoolConfig) -> dict[str, Any]:
+    """``map_batches`` arguments for an autoscaling actor pool with fault tolerance."""
+    import ray
+
+    kwargs: dict[str, Any] = dict(
+        compute=ray.data.ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size),
+        batch_size=pool.batch_size, num_cpus=pool.num_cpus,
+    )
+    if pool.num_gpus > 0:
+        kwargs["num_gpus"] = pool.num_gpus
+    # Ray Data's actor pools already default to max_restarts=-1, max_task_retries=-1 (a killed
+    # actor is replaced and its batches retried); only pass other values, through the
+    # deprecated ray_remote_args path that is the one way to set them in Ray 2.60.
+    if pool.max_restarts != -1:
+        kwargs["max_restarts"] = pool.max_restarts
+    if pool.max_task_retries != -1:
+        kwargs["max_task_retries"] = pool.max_task_retries
+    return kwargs
+
+
+STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+
+
+def storage_runtime_env() -> Optional[dict[str, Any]]:
+    """Where the stage workers find storage: the driver's non-secret S3 settings (endpoint, region).
+
+    Credentials are never forwarded (a runtime_env is stored in the cluster's GCS and shown by
+    the dashboard); workers get them from their node (instance profile / node environment).
+    """
+    env = {k: os.environ[k] for k in STORAGE_ENV if os.environ.get(k)}
+    return {"env_vars": env} if env else None
+
+
+def _plan(cfg: BPOConfig, source: str, images: Optional[str], files: list[str], items: list[dict]) -> dict:
+    gen = cfg.generate.model_dump(mode="json")
+    for key in RUNTIME_ONLY:
+        gen.pop(key)
+    for section in ("sampler", "injector", "judge_ranked"):
+        gen[section].pop("pool")
+    gen["judge_ranked"].pop("judge_key_env")
+    ids = "\n".join(f"{it['order']}:{it['item_id']}:{it['status']}" for it in items)
+    return {"source": source, "images": images, "files": files,
+            "models": {"mllm": cfg.models.mllm, "text_llm": cfg.models.text_llm, "dtype": cfg.models.dtype},
+            "generate": gen, "n_items": len(items),
+            "items_sha256": hashlib.sha256(ids.encode()).hexdigest()}
+
+
+def _model_source(uri: str) -> str:
+    return uri if storage.is_remote(uri) or not os.path.exists(os.path.expanduser(uri)) \
+        else os.path.abspath(os.path.expanduser(uri))
+
+
+def build_dataset(items: list[dict[str, Any]], cfg: BPOConfig):
+    """The lazy Ray Data pipeline for ``items``; its rows are ``order, shard, outcome, result``."""
+    import ray
+
+    gen, models = cfg.generate, cfg.models
+    strategies = list(gen.strategies)
+    image_stages = [s for s in IMAGE_STRATEGIES if s in strategies]
+    # Small blocks keep the stream moving: a shard commits as soon as its last item arrives.
+    io_batch = min(p.batch_size for p in (gen.sampler.pool, gen.injector.pool, gen.judge_ranked.pool))
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(-(-len(items) // io_batch), 1024)))
+    runtime_env = storage_runtime_env()
+    ds = ds.map_batches(load_images, fn_kwargs=dict(max_bytes=gen.max_image_bytes, keep_bytes=bool(image_stages)),
+                        batch_size=io_batch, num_cpus=gen.io_num_cpus, runtime_env=runtime_env)
+    common = dict(dtype=models.dtype, device=models.device, cache_dir=models.cache_dir)
+    pools = {name: dict(pool_kwargs(pool), runtime_env=runtime_env) for name, pool in
+             (("sampler", gen.sampler.pool), ("judge", gen.judge_ranked.pool), ("injector", gen.injector.pool))}
+    for stage in image_stages:
+        drop = stage == image_stages[-1]
+        if stage == "image_weakened":
+            ds = ds.map_batches(ImageWeakenedSampler, **pools["sampler"], fn_constructor_kwargs=dict(
+                model_uri=models.mllm, backend=gen.sampler.backend, noise=gen.sampler.noise.model_dump(),
+                sampling=gen.sampler.sampling.model_dump(), seed=gen.seed, engine_kwargs=gen.sampler.engine_kwargs,
+                drop_image_bytes=drop, **common))
+        else:
+            ds = ds.map_batches(JudgeRankedSampler, **pools["judge"], fn_constructor_kwargs=dict(
+                model_uri=models.mllm, backend=gen.sampler.backend, judge=gen.judge_ranked.model_dump(),
+                seed=gen.seed, engine_kwargs=gen.sampler.engine_kwargs, drop_image_bytes=drop, **common))
+    if "error_injection" in strategies:
+        inj = gen.injector
+        if inj.backend == "transformers":
+            ds = ds.map_batches(ErrorInjector, **pools["injector"], fn_constructor_kwargs=dict(
+                model_uri=models.text_llm, sampling=inj.sampling.model_dump(), seed=gen.seed, **common))
+        else:
+            keep = list(ITEM_COLUMNS) + ["image_sha256"] + [f"neg_{s}" for s in image_stages]
+            processor = error_injection_processor(
+                models.text_llm, _model_source(models.text_llm), inj.sampling, gen.seed, inj.pool, keep,
+                inj.engine_kwargs, cache_dir=models.cache_dir, io_num_cpus=gen.io_num_cpus, runtime_env=runtime_env)
+            ds = processor(ds)
+    return ds.map_batches(build_outcomes, fn_kwargs=dict(strategies=strategies, filters=gen.filters.model_dump()),
+                          batch_size=io_batch, num_cpus=gen.io_num_cpus)
+
+
+def _consume(ds, store: ShardStore, pending: list[dict[str, Any]], progress: bool) -> None:
+    """Stream results, committing each shard as soon as all of its items have arrived."""
+    from tqdm import tqdm
+
+    expected = Counter(it["shard"] for it in pending)
+    buffers: dict[int, dict[int, dict]] = defaultdict(dict)
+    tally: Counter = Counter()
+    bar = tqdm(total=len(pending), unit="item", desc="generate", disable=not progress, dynamic_ncols=True)
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for order, shard, result in zip(batch["order"], batch["shard"], batch["result"]):
+            res = json.loads(result)
+            res["order"] = int(order)
+            buffers[int(shard)][int(order)] = res
+            tally[res["outcome"]] += 1
+            tally["pairs"] += len(res["pairs"])
+            bar.update(1)
+            if len(buffers[int(shard)]) == expected[int(shard)]:
+                store.commit(int(shard), buffers.pop(int(shard)).values())
+                tally["shards"] += 1
+        bar.set_postfix(pairs=tally["pairs"], filtered=tally["filtered"], quarantined=tally["quarantined"],
+                        shards=f"{tally['shards']}/{len(expected)}")
+    bar.close()
+    if buffers:
+        missing = {s: expected[s] - len(b) for s, b in buffers.items()}
+        raise RuntimeError(f"pipeline ended with incomplete shards (shard: missing items) {missing}")
+
+
+def run_generate(cfg: BPOConfig, source: str, out: str, images: Optional[str] = None,
+                 restart: bool = False) -> Manifest:
+    """Run (or resume) the generate stage; returns the manifest also written to ``out``."""
+    from ray.data import DataContext
+
+    from bpo_ray.raycluster import init_ray
+
+    gen = cfg.generate
+    if "judge_ranked" in gen.strategies and not gen.judge_ranked.judge_url:
+        raise ValueError("strategy judge_ranked needs generate.judge_ranked.judge_url (an OpenAI-compatible base URL)")
+    t0 = time.perf_counter()
+    read = read_source(source, images, gen.max_text_chars, gen.max_items)
+    n_shards = assign_shards(read.items, gen.shard_size)
+    store = ShardStore(out)
+    if restart:
+        store.clear()
+    store.check_or_write_plan(_plan(cfg, source, images, read.files, read.items))
+    done = store.done_shards()
+    pending = [it for it in read.items if it["shard"] not in done]
+    t_read = time.perf_counter() - t0
+    if pending:
+        init_ray(cfg.ray)
+        DataContext.get_current().enable_progress_bars = False
+        _consume(build_dataset(pending, cfg), store, pending, gen.progress)
+    t_total = time.perf_counter() - t0
+    counts = total_counts(store.markers(), expected_items=len(read.items))
+    new_pairs = sum(m["pairs_written"] for m in store.markers() if m["shard"] not in done)
+    run_s = max(t_total - t_read, 1e-9)
+    manifest = Manifest(
+        stage="generate", counts=counts,
+        config={"source": source, "images": images, "out": out, "models": cfg.models.model_dump(mode="json"),
+                "generate": gen.model_dump(mode="json"), "ray": cfg.ray.model_dump(mode="json")},
+        versions=library_versions(),
+        timings={"total_s": t_total, "read_s": t_read, "items_this_run": float(len(pending)),
+                 "items_per_s": len(pending) / run_s if pending else 0.0,
+                 "pairs_per_s": new_pairs / run_s if pending else 0.0,
+                 "shards": float(n_shards), "shards_resumed": float(len(done & set(range(n_shards))))},
+    )
+    write_manifest(manifest, storage.join(out, "manifest.json"))
+    return manifest

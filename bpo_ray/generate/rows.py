@@ -1,0 +1,54 @@
+"""Helpers shared by the Ray Data stages: which rows to work on, their images, JSON columns.
+
+Every stage receives *all* rows (quarantined ones included) and passes them through, adding one
+``neg_<strategy>`` column: a JSON list of negatives, each ``{"text": ..., provenance...}`` or
+``{"failed": reason}``. Keeping every row in one stream makes per-shard accounting exact.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from PIL import Image
+
+from bpo_ray.images import ImageError, decode_image
+
+
+def ok_indices(batch: dict[str, np.ndarray]) -> list[int]:
+    return [i for i, s in enumerate(batch["status"]) if s == "ok"]
+
+
+def decode_rows_images(batch: dict[str, np.ndarray], rows: Sequence[int]) -> dict[int, Image.Image | str]:
+    """Row index -> decoded RGB image, or the ImageError reason if it no longer decodes."""
+    out: dict[int, Image.Image | str] = {}
+    for i in rows:
+        try:
+            out[i] = decode_image(bytes(batch["image_bytes"][i]))
+        except ImageError as exc:
+            out[i] = exc.reason
+    return out
+
+
+def image_png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def with_column(batch: dict[str, np.ndarray], name: str, values: Iterable[Any],
+                drop: Sequence[str] = ()) -> dict[str, Any]:
+    """A copy of ``batch`` plus column ``name`` (JSON-encoded values), minus ``drop`` columns."""
+    out = {k: v for k, v in batch.items() if k not in drop}
+    out[name] = np.array([json.dumps(v) for v in values], dtype=object)
+    return out
+
+
+def sampling_record(backend: str, sampling, **extra: Any) -> dict[str, Any]:
+    """The ``sampling`` provenance of a pair (stored as JSON in the pairs table)."""
+    rec = {"backend": backend, "max_new_tokens": sampling.max_new_tokens,
+           "temperature": sampling.temperature, "top_p": sampling.top_p}
+    rec.update(extra)
+    return rec
