@@ -284,6 +284,7 @@ def test_item_outcome_counts_every_negative():
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.skipif(not glob.glob(str(SEEDS / "000_*.txt")), reason="the paper's text (shared/seeds) is not beside this checkout")
 def test_error_injection_prompt_is_table_1_verbatim():
     paper = Path(glob.glob(str(SEEDS / "000_*.txt"))[0]).read_text()
     assert ERROR_INJECTION_PROMPT in paper
