@@ -39,7 +39,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if name not in COMMANDS:
         print(f"bpo-ray: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
+    module_name = COMMANDS[name][0]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            print(f"bpo-ray: command {name!r} is not available in this build ({module_name} is missing)", file=sys.stderr)
+            return 2
+        raise
     return int(module.main(rest) or 0)
 
 
