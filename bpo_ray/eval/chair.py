@@ -177,6 +177,13 @@ def score_chair(
         raise ValueError(f"{len(captions)} captions but {len(ground_truths)} ground-truth sets")
     extractor = ObjectMentionExtractor(synonyms)
     items = [score_caption(c, gt, extractor, unique_mentions) for c, gt in zip(captions, ground_truths)]
+    return chair_report(items)
+
+
+def chair_report(items: Sequence[ChairItem]) -> ChairReport:
+    """Aggregate per-caption details: CHAIR_s = captions with a hallucination / captions,
+    CHAIR_i = hallucinated mentions / all mentions (Rohrbach et al. 2018), plus recall."""
+    items = list(items)
     n_mentions = sum(len(item.mentioned) for item in items)
     n_hallucinated = sum(len(item.hallucinated) for item in items)
     n_truth = sum(len(item.ground_truth) for item in items)

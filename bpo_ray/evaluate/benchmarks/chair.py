@@ -18,8 +18,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 from bpo_ray import storage
 from bpo_ray.config.evaluate import ChairSettings
-from bpo_ray.eval.chair import (ChairItem, ChairReport, ObjectMentionExtractor, prior_typical_share, score_chair,
-                                 synonyms_from_lines)
+from bpo_ray.eval.chair import (ChairItem, ChairReport, ObjectMentionExtractor, chair_report, prior_typical_share,
+                                 score_chair, synonyms_from_lines)
 from bpo_ray.evaluate.items import EvalItem, LoadedBenchmark, row_meta
 from bpo_ray.evaluate.judge import JudgeProtocol, JudgeRequest
 from bpo_ray.evaluate.sources import BenchmarkDataError, first_human_turn, load_world_split, read_json
@@ -163,19 +163,6 @@ def judged_item(listed: Sequence[str], ground_truth: Sequence[str], extractor: O
     truth = sorted({extractor.canonical(name) for name in ground_truth})
     mentioned = [m.canonical for name in listed for m in extractor.extract(name)]
     return ChairItem(", ".join(listed), truth, mentioned, [name for name in mentioned if name not in truth])
-
-
-def chair_report(items: Sequence[ChairItem]) -> ChairReport:
-    """Aggregate per-caption CHAIR details exactly as ``bpo_ray.eval.chair.score_chair`` does."""
-    n_mentions = sum(len(item.mentioned) for item in items)
-    n_hallucinated = sum(len(item.hallucinated) for item in items)
-    n_truth = sum(len(item.ground_truth) for item in items)
-    n_recalled = sum(len(set(item.mentioned) & set(item.ground_truth)) for item in items)
-    return ChairReport(
-        chair_s=sum(item.is_hallucinated for item in items) / len(items) if items else 0.0,
-        chair_i=n_hallucinated / n_mentions if n_mentions else 0.0,
-        recall=n_recalled / n_truth if n_truth else 0.0,
-        n_captions=len(items), n_mentions=n_mentions, n_hallucinated_mentions=n_hallucinated, items=list(items))
 
 
 def score(rows: Sequence[Mapping[str, Any]], info: Mapping[str, Any], extractor_mode: str = "rules") -> tuple[dict[str, Any], list[dict[str, Any]]]:
