@@ -131,6 +131,19 @@ def kill_processes_matching(needle: str, grace_s: float = 5.0) -> int:
     return len(procs)
 
 
+def submit_when_ready(client, entrypoint: str, runtime_env: dict, timeout_s: float = 120) -> str:
+    """``client.submit_job``, retried while the head's job agent is still starting (a fresh
+    cluster answers "No available agent to submit job" for its first seconds)."""
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.time() > deadline:
+                raise
+            time.sleep(1)
+
+
 def submit_and_wait(dashboard_url: str, stage: str, args: Sequence[str], timeout_s: float = 1800,
                     env: Optional[dict] = None, echo: bool = True) -> str:
     """Submit ``python jobs/<stage>.py ARGS`` as a Ray job, stream its log, return the job id.
@@ -145,7 +158,7 @@ def submit_and_wait(dashboard_url: str, stage: str, args: Sequence[str], timeout
     entry = " ".join([shlex.quote(sys.executable), shlex.quote(str(REPO / "jobs" / f"{stage}.py"))]
                      + [shlex.quote(a) for a in args])
     runtime_env = {"env_vars": {k: v for k, v in (env or {}).items()}}
-    job_id = client.submit_job(entrypoint=f"cd {shlex.quote(str(REPO))} && {entry}", runtime_env=runtime_env)
+    job_id = submit_when_ready(client, f"cd {shlex.quote(str(REPO))} && {entry}", runtime_env)
     seen = 0
     deadline = time.time() + timeout_s
     while True:

@@ -432,7 +432,9 @@ def generated(cluster, world, models, work) -> dict:
         "--out", str(out), "--no-progress", *_model_sets(models),
         # Long answers from the sampler so its pool is still busy when the new node arrives.
         "--set", "generate.sampler.sampling.max_new_tokens=96", "--set", "generate.sampler.noise.steps=[300,500,700,900]",
-        "--set", "generate.sampler.pool={min_size: 1, max_size: 4, num_cpus: 0.5, batch_size: 1}",
+        # One CPU per sampler: beside the injector (0.5) the head holds one sampler and no second,
+        # so the pool can only grow onto the node that joins.
+        "--set", "generate.sampler.pool={min_size: 1, max_size: 3, num_cpus: 1.0, batch_size: 1}",
         "--set", "generate.injector.sampling.max_new_tokens=8",
         "--set", "generate.injector.pool={min_size: 1, max_size: 1, num_cpus: 0.5, batch_size: 4}",
         "--set", "generate.shard_size=16",  # small shards: the later stages take the first one only

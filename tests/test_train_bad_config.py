@@ -102,3 +102,31 @@ def test_deepspeed_file_disagreeing_with_stage(capsys, tiny_models, good_pairs, 
     ds.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
     rc, err = _train(capsys, tiny_models, good_pairs, str(tmp_path / "o"), f"train.deepspeed_config={ds}", "train.zero_stage=2")
     assert rc == 2 and "sets ZeRO stage 3 but train.zero_stage is 2" in err
+
+
+def test_strategies_filter_keeps_only_the_named_negatives(tiny_models, tmp_path):
+    from transformers import AutoProcessor
+    from bpo_ray.schemas import pair_id
+    from bpo_ray.train.data import prepare_pairs
+
+    rows = build_pairs_rows(str(tmp_path / "world"), n_scenes=8, limit=6)
+    for row in rows[:2]:  # two pairs whose negative came from the image-weakened sampler
+        row.update(strategy="image_weakened", noise_step=500, id=pair_id(row["source_id"], "image_weakened", {}))
+    write_pairs(rows, str(tmp_path / "p"))
+    processor = AutoProcessor.from_pretrained(tiny_models["mllm"])
+    only_iw = prepare_pairs(str(tmp_path / "p"), processor, 256, strategies=["image_weakened"])
+    assert only_iw.keep == [0, 1] and only_iw.num_pairs == 6
+    assert sorted(only_iw.dropped["strategy_not_selected"]) == sorted(r["id"] for r in rows[2:])
+    every = prepare_pairs(str(tmp_path / "p"), processor, 256)
+    assert every.keep == list(range(6)) and not every.dropped
+
+
+def test_strategies_filter_matching_nothing_is_an_error(capsys, tiny_models, good_pairs, tmp_path):
+    rc, err = _train(capsys, tiny_models, good_pairs, str(tmp_path / "o"), "train.strategies=[image_weakened]")
+    assert rc == 2 and "train.strategies=['image_weakened']" in err and "error_injection" in err
+
+
+def test_unknown_strategy_is_a_config_error():
+    with pytest.raises(ConfigError) as info:
+        load_config("tiny", ["train.strategies=[image_weakend]"])
+    assert "train.strategies" in str(info.value)

@@ -95,25 +95,43 @@ class PreparedPairs:
     reference: bool = False
 
 
-def prepare_pairs(uri: str, processor, max_length: int, check_images: bool = True) -> PreparedPairs:
-    """Validate the pairs at ``uri`` for training; see the module docstring for the checks."""
+def prepare_pairs(
+    uri: str, processor, max_length: int, check_images: bool = True, strategies: Optional[Sequence[str]] = None
+) -> PreparedPairs:
+    """Validate the pairs at ``uri`` for training; see the module docstring for the checks.
+
+    ``strategies`` keeps only pairs whose negative came from those strategies (the paper's
+    single-strategy ablations, Table 5); the others are listed as ``strategy_not_selected``.
+    """
     table = read_pairs(uri)
-    if check_images:
-        check_images_exist(table)
-    lengths = prompt_token_counts(processor, table)
     ids = table.column("id").to_pylist()
-    keep = [i for i, n in enumerate(lengths) if n < max_length]
-    too_long = [ids[i] for i, n in enumerate(lengths) if n >= max_length]
+    dropped: dict[str, list[str]] = {}
+    rows = list(range(table.num_rows))
+    if strategies is not None:
+        wanted = set(strategies)
+        of_row = table.column("strategy").to_pylist()
+        rows = [i for i in rows if of_row[i] in wanted]
+        if len(rows) < table.num_rows:
+            dropped["strategy_not_selected"] = [ids[i] for i in range(table.num_rows) if of_row[i] not in wanted]
+        if not rows:
+            raise PairsError(f"none of the {table.num_rows} pairs at {uri} comes from train.strategies="
+                             f"{sorted(wanted)} (they hold {sorted(set(of_row))})")
+    if check_images:
+        check_images_exist(table.take(rows))
+    lengths = dict(zip(rows, prompt_token_counts(processor, table.take(rows))))
+    keep = [i for i in rows if lengths[i] < max_length]
+    too_long = [ids[i] for i in rows if lengths[i] >= max_length]
+    if too_long:
+        dropped["prompt_too_long"] = too_long
     if not keep:
-        raise PairsError(f"all {len(ids)} prompts are longer than train.max_length={max_length} "
-                         f"(image tokens included; shortest has {min(lengths)} tokens)")
-    kept = table.take(keep)
+        raise PairsError(f"all {len(rows)} prompts are longer than train.max_length={max_length} "
+                         f"(image tokens included; shortest has {min(lengths.values())} tokens)")
     return PreparedPairs(
         uri=uri,
         num_pairs=table.num_rows,
         keep=keep,
-        dropped={"prompt_too_long": too_long} if too_long else {},
-        reference=has_reference(kept),
+        dropped=dropped,
+        reference=has_reference(table.take(keep)),
     )
 
 

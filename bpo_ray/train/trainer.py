@@ -114,7 +114,7 @@ def run_training(cfg: BPOConfig, pairs_uri: str, out_uri: str) -> TrainResult:
     model_path = resolve_model_path(models.mllm, models.cache_dir)
     check_lora_targets(model_path, train.lora)
     processor = AutoProcessor.from_pretrained(model_path)
-    prepared = prepare_pairs(pairs_uri, processor, train.max_length)
+    prepared = prepare_pairs(pairs_uri, processor, train.max_length, strategies=train.strategies)
     use_reference_columns = train.mode == "dpo" and train.use_precomputed_reference and prepared.reference
     if use_reference_columns:
         check_reference_settings(pairs_uri, train, models)

@@ -29,7 +29,6 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -37,59 +36,44 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from bpo_ray.config.world import BaseModelConfig
 from bpo_ray.models.checkpoint import save_portable
 from bpo_ray.models.loading import load_mllm, load_text_lm
 from bpo_ray.models.prompts import IMAGE_TOKEN, build_prompt, strip_image_token
 from bpo_ray.models.tiny import TinySpec, build_tiny_models
-from bpo_ray.world.corpus import chat_prior_documents, error_injection_documents
+from bpo_ray.world import vocab
+from bpo_ray.world.corpus import chat_prior_documents, error_injection_documents, reading_documents
 
 BASE_MODEL_FORMAT = "bpo-ray/bias-world-base-model/1"
 IGNORE_INDEX = -100
 
 
-@dataclass(frozen=True)
-class BaseModelRecipe:
-    """Every knob of the recipe; all of them key the cache."""
+BaseModelRecipe = BaseModelConfig
+"""The recipe's knobs are the config section ``world.base_model`` (``bpo_ray.config.world``)."""
 
-    seed: int = 0
-    # model sizes (TinySpec); vLLM's CPU attention needs lm_hidden / lm_heads >= 32
-    lm_hidden: int = 128
-    lm_layers: int = 2
-    lm_heads: int = 4
-    lm_intermediate: int = 256
-    vision_hidden: int = 64
-    vision_layers: int = 2
-    vision_heads: int = 2
-    patch_size: int = 8
-    vocab_size: int = 2048
-    # language pretraining (the prior)
-    pretrain_steps: int = 300
-    pretrain_batch_size: int = 16
-    pretrain_lr: float = 3e-3
-    max_length: int = 256
-    chat_share: float = 0.5
-    injection_documents: int = 3000
-    # alignment (the short LLaVA stage)
-    align_share: float = 0.25
-    align_steps: int = 300
-    align_batch_size: int = 32
-    align_lr: float = 2e-3
-    align_lm_lr: float = 5e-4
-    warmup_steps: int = 20
 
-    def spec(self, image_size: int) -> TinySpec:
-        return TinySpec(
-            image_size=image_size,
-            patch_size=self.patch_size,
-            vision_hidden=self.vision_hidden,
-            vision_layers=self.vision_layers,
-            vision_heads=self.vision_heads,
-            lm_hidden=self.lm_hidden,
-            lm_layers=self.lm_layers,
-            lm_heads=self.lm_heads,
-            lm_intermediate=self.lm_intermediate,
-            vocab_size=self.vocab_size,
-        )
+def patch_size_for(recipe: BaseModelRecipe, image_size: int) -> int:
+    """The vision patch size: by default a third of the image, one patch per grid cell."""
+    patch = recipe.patch_size or image_size // 3
+    if patch <= 0 or image_size % patch:
+        raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch} "
+                         "(build the world with an image size divisible by 3, e.g. 48)")
+    return patch
+
+
+def tiny_spec(recipe: BaseModelRecipe, image_size: int) -> TinySpec:
+    return TinySpec(
+        image_size=image_size,
+        patch_size=patch_size_for(recipe, image_size),
+        vision_hidden=recipe.vision_hidden,
+        vision_layers=recipe.vision_layers,
+        vision_heads=recipe.vision_heads,
+        lm_hidden=recipe.lm_hidden,
+        lm_layers=recipe.lm_layers,
+        lm_heads=recipe.lm_heads,
+        lm_intermediate=recipe.lm_intermediate,
+        vocab_size=recipe.vocab_size,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,6 +99,30 @@ def alignment_records(records: Sequence[dict[str, Any]], share: float) -> list[d
     return [record for record in records if record["image"] in keep]
 
 
+def existence_records(scenes: Sequence[dict[str, Any]], n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """``n`` extra POPE-style existence questions over ``scenes`` (LLaVA records): half about a
+    present kind, half about an absent one, and half of those the absent prior partner of a
+    present kind. LLaVA-1.5's mixture has such short VQA (e.g. VQAv2, GQA); here they teach the
+    model to check the image for the object asked about, including when the prior says "yes"."""
+    rng = random.Random(f"base-model-existence:{seed}")
+    partners = vocab.prior_partners()
+    records = []
+    for _ in range(n):
+        scene = rng.choice(scenes)
+        present = sorted({o["kind"] for o in scene["objects"]})
+        absent = [k for k in vocab.OBJECT_KINDS if k not in present]
+        absent_partners = [partners[k] for k in present if partners[k] not in present]
+        if rng.random() < 0.5 or not absent:
+            kind, answer = rng.choice(present), "Yes."
+        else:
+            kind, answer = rng.choice(absent_partners if absent_partners and rng.random() < 0.5 else absent), "No."
+        records.append({"image": scene["image"], "conversations": [
+            {"from": "human", "value": f"{IMAGE_TOKEN}\nIs there {vocab.indefinite_article(kind)} {kind} in the image?"},
+            {"from": "gpt", "value": answer},
+        ]})
+    return records
+
+
 def conversation_turns(record: dict[str, Any]) -> list[tuple[str, str]]:
     """(question, answer) pairs of a LLaVA record, ``<image>`` removed from the questions."""
     turns = record["conversations"]
@@ -125,15 +133,16 @@ def conversation_turns(record: dict[str, Any]) -> list[tuple[str, str]]:
 # Tokenised training data
 
 
-def pretraining_documents(world_dir: str | Path, recipe: BaseModelRecipe) -> list[str]:
+def pretraining_documents(world_dir: str | Path, recipe: BaseModelRecipe, seed: int = 0) -> list[str]:
     """The text LM's corpus: prior captions (a ``chat_share`` of them in chat form) plus
     Table-1 error-injection documents, in a seeded shuffled order."""
     world = read_world(world_dir)
     captions = (Path(world_dir) / world["files"]["corpus"]).read_text(encoding="utf-8").splitlines()
     n_chat = round(recipe.chat_share * len(captions))
-    documents = chat_prior_documents(captions[:n_chat], recipe.seed) + captions[n_chat:]
-    documents += error_injection_documents(recipe.injection_documents, recipe.seed)
-    random.Random(f"base-model-documents:{recipe.seed}").shuffle(documents)
+    documents = chat_prior_documents(captions[:n_chat], seed) + captions[n_chat:]
+    documents += error_injection_documents(recipe.injection_documents, seed)
+    documents += reading_documents(recipe.reading_documents, seed)
+    random.Random(f"base-model-documents:{seed}").shuffle(documents)
     return documents
 
 
@@ -199,9 +208,9 @@ def learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
 
 
-def pretrain_text_lm(model, stream: torch.Tensor, recipe: BaseModelRecipe) -> list[float]:
+def pretrain_text_lm(model, stream: torch.Tensor, recipe: BaseModelRecipe, seed: int = 0) -> list[float]:
     """Causal-LM training on random ``max_length`` windows of the packed stream; returns losses."""
-    generator = torch.Generator().manual_seed(recipe.seed)
+    generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.pretrain_lr, betas=(0.9, 0.95), weight_decay=0.1)
     window = min(recipe.max_length, len(stream) - 1)
     losses: list[float] = []
@@ -241,28 +250,144 @@ def image_tensors(processor, world_dir: str | Path, images: Sequence[str]) -> di
     return pixels
 
 
-def align_mllm(mllm, processor, world_dir: str | Path, records: Sequence[dict[str, Any]], recipe: BaseModelRecipe) -> list[float]:
+def patch_targets(scene: dict[str, Any], grid: int) -> tuple[list[int], list[int]]:
+    """Kind and colour class of each image patch (row-major), from the object in the grid cell
+    holding the patch centre; the last class of each means "empty"."""
+    by_cell = {vocab.POSITIONS.index(o["position"]): o for o in scene["objects"]}
+    kinds, colours = [], []
+    for index in range(grid * grid):
+        row, col = divmod(index, grid)
+        cell = int((row + 0.5) * 3 / grid) * 3 + int((col + 0.5) * 3 / grid)
+        obj = by_cell.get(cell)
+        kinds.append(vocab.OBJECT_KINDS.index(obj["kind"]) if obj else len(vocab.OBJECT_KINDS))
+        colours.append(list(vocab.COLOURS).index(obj["colour"]) if obj else len(vocab.COLOURS))
+    return kinds, colours
+
+
+def vision_patch_features(mllm, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The vision-tower layer LLaVA feeds its projector, CLS dropped: ``(n, patches, vision_hidden)``."""
+    hidden = mllm.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states
+    return hidden[mllm.config.vision_feature_layer][:, 1:]
+
+
+def pretrain_vision(mllm, processor, world_dir: str | Path, scenes: Sequence[dict[str, Any]], recipe: BaseModelRecipe, seed: int = 0) -> list[float]:
+    """Train the vision tower to tell each patch's kind and colour (cross-entropy through a
+    throw-away linear head). Stands in for CLIP's pretraining, which LLaVA inherits: afterwards
+    the patch features name what is where, so the short alignment only has to read them."""
+    grid = mllm.config.vision_config.image_size // mllm.config.vision_config.patch_size
+    pixels = image_tensors(processor, world_dir, [scene["image"] for scene in scenes])
+    targets = [patch_targets(scene, grid) for scene in scenes]
+    kinds = torch.tensor([t[0] for t in targets])
+    colours = torch.tensor([t[1] for t in targets])
+    n_kinds, n_colours = len(vocab.OBJECT_KINDS) + 1, len(vocab.COLOURS) + 1
+    head = torch.nn.Linear(mllm.config.vision_config.hidden_size, n_kinds + n_colours)
+    params = [*mllm.model.vision_tower.parameters(), *head.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=recipe.vision_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed + 2)
+    losses: list[float] = []
+    mllm.model.vision_tower.train()
+    progress = tqdm(range(recipe.vision_steps), desc="pretrain vision", leave=False)
+    for step in progress:
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, recipe.vision_steps, recipe.vision_lr, recipe.warmup_steps)
+        rows = torch.randint(0, len(scenes), (recipe.vision_batch_size,), generator=generator)
+        logits = head(vision_patch_features(mllm, torch.stack([pixels[scenes[r]["image"]] for r in rows.tolist()])))
+        loss = torch.nn.functional.cross_entropy(logits[..., :n_kinds].flatten(0, 1), kinds[rows].flatten()) \
+            + torch.nn.functional.cross_entropy(logits[..., n_kinds:].flatten(0, 1), colours[rows].flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+        progress.set_postfix(loss=f"{losses[-1]:.3f}")
+    mllm.model.vision_tower.eval()
+    return losses
+
+
+def patch_words(scene: dict[str, Any], grid: int) -> list[list[str]]:
+    """The words that describe each patch (row-major): colour, kind and the position's words
+    ("red", "cup", "top", "left"); an empty patch has none."""
+    by_cell = {vocab.POSITIONS.index(o["position"]): o for o in scene["objects"]}
+    words = []
+    for index in range(grid * grid):
+        row, col = divmod(index, grid)
+        cell = int((row + 0.5) * 3 / grid) * 3 + int((col + 0.5) * 3 / grid)
+        obj = by_cell.get(cell)
+        words.append([obj["colour"], obj["kind"], *vocab.POSITIONS[cell].split()] if obj else [])
+    return words
+
+
+@torch.no_grad()
+def word_embedding_targets(mllm, tokenizer, words: Sequence[Sequence[str]]) -> torch.Tensor:
+    """Per patch: the sum of the LM's input embeddings of its words (each as the one token
+    `` word``), scaled to unit RMS per dimension; zeros for an empty patch. ``(patches, hidden)``."""
+    embeddings = mllm.get_input_embeddings().weight
+    hidden = embeddings.shape[1]
+    out = torch.zeros(len(words), hidden)
+    for index, patch in enumerate(words):
+        if not patch:
+            continue
+        ids = [tokenizer(f" {word}", add_special_tokens=False)["input_ids"] for word in patch]
+        vector = sum(embeddings[i].sum(0) for i in ids)
+        out[index] = vector / vector.pow(2).mean().sqrt()
+    return out
+
+
+def align_projector_to_words(mllm, processor, world_dir: str | Path, scenes: Sequence[dict[str, Any]], recipe: BaseModelRecipe, seed: int = 0) -> list[float]:
+    """LLaVA's stage 1 ("feature alignment"), made direct: the projector learns to map each
+    patch feature onto the LM's word embeddings of what the patch shows (colour, kind, where),
+    i.e. it becomes a visual tokenizer for the language model. Vision tower and LM stay frozen;
+    targets have unit RMS, the scale ``bpo_ray.noise`` assumes for the features it weakens."""
+    grid = mllm.config.vision_config.image_size // mllm.config.vision_config.patch_size
+    pixels = image_tensors(processor, world_dir, [scene["image"] for scene in scenes])
+    with torch.no_grad():
+        patch_features = torch.cat([
+            vision_patch_features(mllm, torch.stack([pixels[s["image"]] for s in scenes[i : i + 256]]))
+            for i in range(0, len(scenes), 256)
+        ])
+    targets = torch.stack([
+        word_embedding_targets(mllm, processor.tokenizer, patch_words(scene, grid)) for scene in scenes
+    ])
+    projector = mllm.model.multi_modal_projector
+    optimizer = torch.optim.AdamW(projector.parameters(), lr=recipe.projector_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed + 3)
+    losses: list[float] = []
+    projector.train()
+    progress = tqdm(range(recipe.projector_steps), desc="align projector", leave=False)
+    for step in progress:
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, recipe.projector_steps, recipe.projector_lr, recipe.warmup_steps)
+        rows = torch.randint(0, len(scenes), (recipe.vision_batch_size,), generator=generator)
+        loss = torch.nn.functional.mse_loss(projector(patch_features[rows]), targets[rows])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        progress.set_postfix(loss=f"{losses[-1]:.3f}")
+    projector.eval()
+    return losses
+
+
+def align_mllm(mllm, processor, world_dir: str | Path, records: Sequence[dict[str, Any]], recipe: BaseModelRecipe, seed: int = 0) -> list[float]:
     """LLaVA's alignment stage: answer-token loss on image conversations; returns losses.
 
-    The projector and the vision tower train at ``align_lr``, the language model at
-    ``align_lm_lr`` (0 freezes it).
+    The vision tower stays frozen (as LLaVA keeps CLIP frozen); the projector trains at
+    ``align_lr`` and the language model at ``align_lm_lr`` (0 freezes it too).
     """
     tokenizer = processor.tokenizer
     image_seq_length = mllm.config.image_seq_length
     examples = [encode_conversation(tokenizer, conversation_turns(r), image_seq_length) for r in records]
     pixels = image_tensors(processor, world_dir, [r["image"] for r in records])
-    groups = [
-        {"params": [*mllm.model.vision_tower.parameters(), *mllm.model.multi_modal_projector.parameters()],
-         "lr": recipe.align_lr, "peak": recipe.align_lr},
-    ]
-    lm_params = [*mllm.model.language_model.parameters(), *mllm.lm_head.parameters()]
+    projector = list(mllm.model.multi_modal_projector.parameters())
+    language_model = [*mllm.model.language_model.parameters(), *mllm.lm_head.parameters()]
+    groups = [{"params": projector, "lr": recipe.align_lr, "peak": recipe.align_lr}]
     if recipe.align_lm_lr > 0:
-        groups.append({"params": lm_params, "lr": recipe.align_lm_lr, "peak": recipe.align_lm_lr})
-    else:
-        for param in lm_params:
-            param.requires_grad_(False)
+        groups.append({"params": language_model, "lr": recipe.align_lm_lr, "peak": recipe.align_lm_lr})
+    frozen = [*mllm.model.vision_tower.parameters(), *(language_model if recipe.align_lm_lr <= 0 else [])]
+    for param in frozen:
+        param.requires_grad_(False)
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=0.0)
-    generator = torch.Generator().manual_seed(recipe.seed + 1)
+    generator = torch.Generator().manual_seed(seed + 1)
     losses: list[float] = []
     mllm.train()
     progress = tqdm(range(recipe.align_steps), desc="align LLaVA", leave=False)
@@ -279,7 +404,7 @@ def align_mllm(mllm, processor, world_dir: str | Path, records: Sequence[dict[st
         optimizer.step()
         losses.append(loss.item())
         progress.set_postfix(loss=f"{losses[-1]:.3f}")
-    for param in lm_params:
+    for param in frozen:
         param.requires_grad_(True)
     mllm.eval()
     return losses
@@ -289,16 +414,19 @@ def align_mllm(mllm, processor, world_dir: str | Path, records: Sequence[dict[st
 # The recipe
 
 
-def _cache_key(world: dict[str, Any], recipe: BaseModelRecipe) -> dict[str, Any]:
-    return {"format": BASE_MODEL_FORMAT, "world": world["params"], "recipe": asdict(recipe)}
+def _cache_key(world: dict[str, Any], recipe: BaseModelRecipe, seed: int) -> dict[str, Any]:
+    return {"format": BASE_MODEL_FORMAT, "world": world["params"], "seed": seed, "recipe": recipe.model_dump()}
 
 
-def build_base_model(world_dir: str | Path, out_dir: str | Path, recipe: BaseModelRecipe = BaseModelRecipe()) -> dict[str, Any]:
+def build_base_model(
+    world_dir: str | Path, out_dir: str | Path, recipe: BaseModelRecipe = BaseModelRecipe(), seed: int | None = None
+) -> dict[str, Any]:
     """Build (or find already built) the base models; returns ``base_model.json``'s content
     with ``paths`` {"mllm", "text_llm"} (absolute)."""
     out_dir = Path(out_dir)
     world = read_world(world_dir)
-    key = _cache_key(world, recipe)
+    seed = world["params"]["seed"] if seed is None else seed
+    key = _cache_key(world, recipe, seed)
     meta_path = out_dir / "base_model.json"
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
@@ -307,23 +435,36 @@ def build_base_model(world_dir: str | Path, out_dir: str | Path, recipe: BaseMod
         meta_path.unlink()
 
     started = time.perf_counter()
-    torch.manual_seed(recipe.seed)
-    documents = pretraining_documents(world_dir, recipe)
-    spec = recipe.spec(world["params"]["image_size"])
-    paths = build_tiny_models(out_dir, seed=recipe.seed, spec=spec, corpus=tokenizer_texts(world_dir, documents))
+    torch.manual_seed(seed)
+    documents = pretraining_documents(world_dir, recipe, seed)
+    spec = tiny_spec(recipe, world["params"]["image_size"])
+    paths = build_tiny_models(out_dir, seed=seed, spec=spec, corpus=tokenizer_texts(world_dir, documents))
     timings = {"init": time.perf_counter() - started}
 
     text_lm, tokenizer = load_text_lm(paths["text_llm"], device="cpu")
-    torch.manual_seed(recipe.seed)
-    pretrain_losses = pretrain_text_lm(text_lm, token_stream(tokenizer, documents), recipe)
+    torch.manual_seed(seed)
+    pretrain_losses = pretrain_text_lm(text_lm, token_stream(tokenizer, documents), recipe, seed)
     save_portable(text_lm, tokenizer, paths["text_llm"])
     timings["pretrain"] = time.perf_counter() - started - sum(timings.values())
 
     mllm, processor = load_mllm(paths["mllm"], device="cpu")
     transplant_language_model(text_lm, mllm)
+    scenes = [s for s in read_jsonl(Path(world_dir) / world["files"]["scenes"]) if s["split"] == "train"]
+    torch.manual_seed(seed + 2)
+    vision_losses = pretrain_vision(mllm, processor, world_dir, scenes, recipe, seed)
+    timings["vision"] = time.perf_counter() - started - sum(timings.values())
+
+    torch.manual_seed(seed + 3)
+    projector_losses = align_projector_to_words(mllm, processor, world_dir, scenes, recipe, seed)
+    timings["projector"] = time.perf_counter() - started - sum(timings.values())
+
     records = alignment_records(read_jsonl(Path(world_dir) / world["files"]["train"]), recipe.align_share)
-    torch.manual_seed(recipe.seed + 1)
-    align_losses = align_mllm(mllm, processor, world_dir, records, recipe)
+    if recipe.existence_share > 0:
+        aligned = {record["image"] for record in records}
+        n_extra = round(len(records) * recipe.existence_share / (1 - recipe.existence_share))
+        records += existence_records([s for s in scenes if s["image"] in aligned], n_extra, seed)
+    torch.manual_seed(seed + 1)
+    align_losses = align_mllm(mllm, processor, world_dir, records, recipe, seed)
     save_portable(mllm, processor, paths["mllm"])
     timings["align"] = time.perf_counter() - started - sum(timings.values())
 
@@ -332,6 +473,8 @@ def build_base_model(world_dir: str | Path, out_dir: str | Path, recipe: BaseMod
         "paths": {name: str(Path(path).resolve()) for name, path in paths.items()},
         "vocab_size": len(tokenizer),
         "pretrain": {"documents": len(documents), "first_loss": pretrain_losses[0], "last_loss": _tail_mean(pretrain_losses)},
+        "vision": {"scenes": len(scenes), "first_loss": vision_losses[0], "last_loss": _tail_mean(vision_losses)},
+        "projector": {"first_loss": projector_losses[0], "last_loss": _tail_mean(projector_losses)},
         "align": {"records": len(records), "first_loss": align_losses[0], "last_loss": _tail_mean(align_losses)},
         "seconds": {name: round(value, 2) for name, value in timings.items()},
     }

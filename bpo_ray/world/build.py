@@ -4,6 +4,7 @@ Layout of ``out_dir``::
 
     images/scene-000000.png ...   one render per scene
     train.jsonl val.jsonl test.jsonl   LLaVA records; "image" is relative to out_dir; split by scene
+    scenes.jsonl                  ground truth per scene: id, image, split, objects (kind, colour, position)
     corpus.txt                    prior-obeying captions, one per line (language-model pretraining)
     world.json                    vocab, synonyms, prior pairs, params, counts, measured co-occurrence
 
@@ -24,7 +25,7 @@ from bpo_ray.world import vocab
 from bpo_ray.world.corpus import partner_cooccurrence, sample_prior_scenes
 from bpo_ray.world.scenes import RECORD_SOURCES, Scene, describe_scene, records_for_scene, render_scene, sample_scene
 
-WORLD_FORMAT = "bpo-ray/bias-world/1"
+WORLD_FORMAT = "bpo-ray/bias-world/2"
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 
@@ -53,6 +54,16 @@ def _jsonl(records: Sequence[dict[str, Any]]) -> bytes:
     return "".join(json.dumps(record, sort_keys=True) + "\n" for record in records).encode("utf-8")
 
 
+def scene_annotation(scene: Scene, image: str, split: str) -> dict[str, Any]:
+    """The full ground truth of one scene (what the vision pretraining and fine-grained checks use)."""
+    return {
+        "id": scene.id,
+        "image": image,
+        "split": split,
+        "objects": [{"kind": o.kind, "colour": o.colour, "position": o.position} for o in scene.objects],
+    }
+
+
 def split_scenes(n_scenes: int, seed: int, fractions: Sequence[float]) -> list[str]:
     """Split name of each scene index: a seeded shuffle cut at the cumulative fractions."""
     if len(fractions) != len(SPLITS) or abs(sum(fractions) - 1.0) > 1e-6:
@@ -71,7 +82,7 @@ def build_world(
     out_dir: str,
     seed: int = 0,
     n_scenes: int = 3000,
-    image_size: int = 32,
+    image_size: int = 48,
     split_fractions: Sequence[float] = (0.8, 0.1, 0.1),
     corpus_lines: int = 20000,
     partner_rate: float = 0.9,
@@ -101,6 +112,7 @@ def build_world(
     split_of = split_scenes(n_scenes, seed, split_fractions)
 
     records: dict[str, list[dict[str, Any]]] = {split: [] for split in SPLITS}
+    annotations: list[dict[str, Any]] = []
     scenes_per_split = {split: 0 for split in SPLITS}
     for scene, split in zip(scenes, split_of):
         image = f"images/{scene.id}.png"
@@ -108,8 +120,10 @@ def build_world(
         record_rng = random.Random(f"bias-world-records:{seed}:{scene.id}")
         records[split].extend(records_for_scene(scene, image, record_rng, sources))
         scenes_per_split[split] += 1
+        annotations.append(scene_annotation(scene, image, split))
     for split in SPLITS:
         _write_bytes(os.path.join(out_dir, f"{split}.jsonl"), _jsonl(records[split]))
+    _write_bytes(os.path.join(out_dir, "scenes.jsonl"), _jsonl(annotations))
 
     prior_scenes = sample_prior_scenes(corpus_lines, seed, partner_rate)
     corpus_text = "".join(describe_scene(scene) + "\n" for scene in prior_scenes)
@@ -138,7 +152,12 @@ def build_world(
             "scenes": partner_cooccurrence(scene.kinds for scene in scenes),
             "corpus": partner_cooccurrence(scene.kinds for scene in prior_scenes),
         },
-        "files": {**{split: f"{split}.jsonl" for split in SPLITS}, "corpus": "corpus.txt", "images": "images/"},
+        "files": {
+            **{split: f"{split}.jsonl" for split in SPLITS},
+            "corpus": "corpus.txt",
+            "images": "images/",
+            "scenes": "scenes.jsonl",
+        },
         "build_seconds": round(time.perf_counter() - started, 3),
     }
     _write_bytes(world_path, (json.dumps(world, indent=2, sort_keys=True) + "\n").encode("utf-8"))

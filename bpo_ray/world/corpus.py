@@ -206,3 +206,34 @@ def chat_prior_documents(captions: Sequence[str], seed: int = 0) -> list[str]:
     prior in the answer format, as Vicuna carries its text prior into LLaVA's chat format."""
     rng = random.Random(f"bias-world-chat:{seed}")
     return [f"{text_prompt(rng.choice(CAPTION_PROMPTS))} {caption}" for caption in captions]
+
+
+def reading_documents(n_documents: int, seed: int = 0, partner_rate: float = 0.9, max_questions: int = 3) -> list[str]:
+    """Reading comprehension over prior captions: ``USER: <caption> Is there a saucer? ASSISTANT: No.``
+
+    A chat LM (Vicuna) can answer questions about a text in its context; this is that skill at
+    toy size. Half the questions name a present kind, half an absent one (the absent prior partner
+    of a present kind when there is one, half the time). The captions obey the prior, so the LM
+    still learns that a saucer usually comes with a cup; it also learns to look before answering.
+    """
+    rng = random.Random(f"bias-world-reading:{seed}")
+    partners = vocab.prior_partners()
+    documents = []
+    for index in range(n_documents):
+        scene = sample_prior_scene(rng, f"reading-{index}", partner_rate)
+        present = scene.kinds
+        turns = []
+        for _ in range(rng.randint(1, max_questions)):
+            absent_partners = [partners[k] for k in present if partners[k] not in present]
+            absent = [k for k in vocab.OBJECT_KINDS if k not in present]
+            if rng.random() < 0.5 or not absent:
+                kind, answer = rng.choice(present), "Yes."
+            else:
+                pool = absent_partners if absent_partners and rng.random() < 0.5 else absent
+                kind, answer = rng.choice(pool), "No."
+            turns.append((f"Is there {vocab.indefinite_article(kind)} {kind} in the image?", answer))
+        first, *rest = turns
+        text = f"USER: {describe_scene(scene)} {first[0]} ASSISTANT: {first[1]}"
+        text += "".join(f" USER: {q} ASSISTANT: {a}" for q, a in rest)
+        documents.append(text)
+    return documents
