@@ -435,6 +435,8 @@ def build_base_model(
         meta_path.unlink()
 
     started = time.perf_counter()
+    # A Ray job driver inherits OMP_NUM_THREADS=1; the recipe is one process and may use every core.
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
     torch.manual_seed(seed)
     documents = pretraining_documents(world_dir, recipe, seed)
     spec = tiny_spec(recipe, world["params"]["image_size"])
