@@ -44,7 +44,8 @@ def run_demo(out: Path, config: str, overrides: Sequence[str], num_cpus: int = 4
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     models = out / "models"
-    shared = ["--config", config, "--set", f"storage.root={out}", "--set", f"models.mllm={models / 'llava'}",
+    shared = ["--config", config, "--set", f"storage.root={out}", "--set", f"world.out={out / 'world'}",
+              "--set", f"models.mllm={models / 'llava'}",
               "--set", f"models.text_llm={models / 'text_lm'}"]
     for o in (*DEMO_OVERRIDES, *overrides):
         shared += ["--set", o]

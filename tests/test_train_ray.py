@@ -242,5 +242,7 @@ def test_adapter_loads_in_transformers_and_vllm(zero2_run, sft_run, tiny_models)
     params = SamplingParams(temperature=0, max_tokens=12, logprobs=1)
     plain = llm.generate(request, params)[0].outputs[0]
     dpo = llm.generate(request, params, lora_request=LoRARequest("dpo", 1, adapter))[0].outputs[0]
-    assert dpo.text == hf_text  # vLLM's LoRA path and PEFT agree token for token
+    # vLLM's LoRA path and PEFT agree token for token (ids, not text: the two detokenizers treat a
+    # trailing partial UTF-8 byte of a random-init model's output differently)
+    assert list(dpo.token_ids) == hf_ids.tolist(), (dpo.text, hf_text)
     assert dpo.cumulative_logprob != pytest.approx(plain.cumulative_logprob, abs=1e-3)
