@@ -42,7 +42,7 @@ from bpo_ray.models.loading import load_mllm, load_text_lm
 from bpo_ray.models.prompts import IMAGE_TOKEN, build_prompt, strip_image_token
 from bpo_ray.models.tiny import TinySpec, build_tiny_models
 from bpo_ray.world import vocab
-from bpo_ray.world.corpus import chat_prior_documents, error_injection_documents, reading_documents
+from bpo_ray.world.corpus import chat_prior_documents, error_injection_documents, existence_probe, reading_documents
 
 BASE_MODEL_FORMAT = "bpo-ray/bias-world-base-model/1"
 IGNORE_INDEX = -100
@@ -105,19 +105,12 @@ def existence_records(scenes: Sequence[dict[str, Any]], n: int, seed: int = 0) -
     present kind. LLaVA-1.5's mixture has such short VQA (e.g. VQAv2, GQA); here they teach the
     model to check the image for the object asked about, including when the prior says "yes"."""
     rng = random.Random(f"base-model-existence:{seed}")
-    partners = vocab.prior_partners()
     records = []
     for _ in range(n):
         scene = rng.choice(scenes)
-        present = sorted({o["kind"] for o in scene["objects"]})
-        absent = [k for k in vocab.OBJECT_KINDS if k not in present]
-        absent_partners = [partners[k] for k in present if partners[k] not in present]
-        if rng.random() < 0.5 or not absent:
-            kind, answer = rng.choice(present), "Yes."
-        else:
-            kind, answer = rng.choice(absent_partners if absent_partners and rng.random() < 0.5 else absent), "No."
+        question, answer = existence_probe(sorted({o["kind"] for o in scene["objects"]}), rng)
         records.append({"image": scene["image"], "conversations": [
-            {"from": "human", "value": f"{IMAGE_TOKEN}\nIs there {vocab.indefinite_article(kind)} {kind} in the image?"},
+            {"from": "human", "value": f"{IMAGE_TOKEN}\n{question}"},
             {"from": "gpt", "value": answer},
         ]})
     return records
@@ -240,7 +233,7 @@ def transplant_language_model(text_lm, mllm) -> None:
 
 
 def image_tensors(processor, world_dir: str | Path, images: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Pixel values of every image once (the alignment loop indexes into them)."""
+    """Pixel values of every image, decoded once (the training loops index into them)."""
     pixels = {}
     for start in range(0, len(images), 256):
         chunk = images[start : start + 256]
@@ -250,15 +243,22 @@ def image_tensors(processor, world_dir: str | Path, images: Sequence[str]) -> di
     return pixels
 
 
-def patch_targets(scene: dict[str, Any], grid: int) -> tuple[list[int], list[int]]:
-    """Kind and colour class of each image patch (row-major), from the object in the grid cell
-    holding the patch centre; the last class of each means "empty"."""
+def patch_objects(scene: dict[str, Any], grid: int) -> list[tuple[int, dict[str, Any] | None]]:
+    """For each image patch (row-major): the scene grid cell holding the patch centre and the
+    object in that cell (None when it is empty)."""
     by_cell = {vocab.POSITIONS.index(o["position"]): o for o in scene["objects"]}
-    kinds, colours = [], []
+    cells = []
     for index in range(grid * grid):
         row, col = divmod(index, grid)
         cell = int((row + 0.5) * 3 / grid) * 3 + int((col + 0.5) * 3 / grid)
-        obj = by_cell.get(cell)
+        cells.append((cell, by_cell.get(cell)))
+    return cells
+
+
+def patch_targets(scene: dict[str, Any], grid: int) -> tuple[list[int], list[int]]:
+    """Kind and colour class of each image patch (row-major); the last class of each means "empty"."""
+    kinds, colours = [], []
+    for _, obj in patch_objects(scene, grid):
         kinds.append(vocab.OBJECT_KINDS.index(obj["kind"]) if obj else len(vocab.OBJECT_KINDS))
         colours.append(list(vocab.COLOURS).index(obj["colour"]) if obj else len(vocab.COLOURS))
     return kinds, colours
@@ -270,12 +270,11 @@ def vision_patch_features(mllm, pixel_values: torch.Tensor) -> torch.Tensor:
     return hidden[mllm.config.vision_feature_layer][:, 1:]
 
 
-def pretrain_vision(mllm, processor, world_dir: str | Path, scenes: Sequence[dict[str, Any]], recipe: BaseModelRecipe, seed: int = 0) -> list[float]:
+def pretrain_vision(mllm, pixels: dict[str, torch.Tensor], scenes: Sequence[dict[str, Any]], recipe: BaseModelRecipe, seed: int = 0) -> list[float]:
     """Train the vision tower to tell each patch's kind and colour (cross-entropy through a
     throw-away linear head). Stands in for CLIP's pretraining, which LLaVA inherits: afterwards
     the patch features name what is where, so the short alignment only has to read them."""
     grid = mllm.config.vision_config.image_size // mllm.config.vision_config.patch_size
-    pixels = image_tensors(processor, world_dir, [scene["image"] for scene in scenes])
     targets = [patch_targets(scene, grid) for scene in scenes]
     kinds = torch.tensor([t[0] for t in targets])
     colours = torch.tensor([t[1] for t in targets])
@@ -307,14 +306,8 @@ def pretrain_vision(mllm, processor, world_dir: str | Path, scenes: Sequence[dic
 def patch_words(scene: dict[str, Any], grid: int) -> list[list[str]]:
     """The words that describe each patch (row-major): colour, kind and the position's words
     ("red", "cup", "top", "left"); an empty patch has none."""
-    by_cell = {vocab.POSITIONS.index(o["position"]): o for o in scene["objects"]}
-    words = []
-    for index in range(grid * grid):
-        row, col = divmod(index, grid)
-        cell = int((row + 0.5) * 3 / grid) * 3 + int((col + 0.5) * 3 / grid)
-        obj = by_cell.get(cell)
-        words.append([obj["colour"], obj["kind"], *vocab.POSITIONS[cell].split()] if obj else [])
-    return words
+    return [[obj["colour"], obj["kind"], *vocab.POSITIONS[cell].split()] if obj else []
+            for cell, obj in patch_objects(scene, grid)]
 
 
 @torch.no_grad()
@@ -333,20 +326,19 @@ def word_embedding_targets(mllm, tokenizer, words: Sequence[Sequence[str]]) -> t
     return out
 
 
-def align_projector_to_words(mllm, processor, world_dir: str | Path, scenes: Sequence[dict[str, Any]], recipe: BaseModelRecipe, seed: int = 0) -> list[float]:
+def align_projector_to_words(mllm, tokenizer, pixels: dict[str, torch.Tensor], scenes: Sequence[dict[str, Any]], recipe: BaseModelRecipe, seed: int = 0) -> list[float]:
     """LLaVA's stage 1 ("feature alignment"), made direct: the projector learns to map each
     patch feature onto the LM's word embeddings of what the patch shows (colour, kind, where),
     i.e. it becomes a visual tokenizer for the language model. Vision tower and LM stay frozen;
     targets have unit RMS, the scale ``bpo_ray.noise`` assumes for the features it weakens."""
     grid = mllm.config.vision_config.image_size // mllm.config.vision_config.patch_size
-    pixels = image_tensors(processor, world_dir, [scene["image"] for scene in scenes])
     with torch.no_grad():
         patch_features = torch.cat([
             vision_patch_features(mllm, torch.stack([pixels[s["image"]] for s in scenes[i : i + 256]]))
             for i in range(0, len(scenes), 256)
         ])
     targets = torch.stack([
-        word_embedding_targets(mllm, processor.tokenizer, patch_words(scene, grid)) for scene in scenes
+        word_embedding_targets(mllm, tokenizer, patch_words(scene, grid)) for scene in scenes
     ])
     projector = mllm.model.multi_modal_projector
     optimizer = torch.optim.AdamW(projector.parameters(), lr=recipe.projector_lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -368,16 +360,14 @@ def align_projector_to_words(mllm, processor, world_dir: str | Path, scenes: Seq
     return losses
 
 
-def align_mllm(mllm, processor, world_dir: str | Path, records: Sequence[dict[str, Any]], recipe: BaseModelRecipe, seed: int = 0) -> list[float]:
+def align_mllm(mllm, tokenizer, pixels: dict[str, torch.Tensor], records: Sequence[dict[str, Any]], recipe: BaseModelRecipe, seed: int = 0) -> list[float]:
     """LLaVA's alignment stage: answer-token loss on image conversations; returns losses.
 
     The vision tower stays frozen (as LLaVA keeps CLIP frozen); the projector trains at
     ``align_lr`` and the language model at ``align_lm_lr`` (0 freezes it too).
     """
-    tokenizer = processor.tokenizer
     image_seq_length = mllm.config.image_seq_length
     examples = [encode_conversation(tokenizer, conversation_turns(r), image_seq_length) for r in records]
-    pixels = image_tensors(processor, world_dir, [r["image"] for r in records])
     projector = list(mllm.model.multi_modal_projector.parameters())
     language_model = [*mllm.model.language_model.parameters(), *mllm.lm_head.parameters()]
     groups = [{"params": projector, "lr": recipe.align_lr, "peak": recipe.align_lr}]
@@ -453,11 +443,13 @@ def build_base_model(
     transplant_language_model(text_lm, mllm)
     scenes = [s for s in read_jsonl(Path(world_dir) / world["files"]["scenes"]) if s["split"] == "train"]
     torch.manual_seed(seed + 2)
-    vision_losses = pretrain_vision(mllm, processor, world_dir, scenes, recipe, seed)
+    # Every train image decoded once; vision, projector and alignment steps index into them.
+    pixels = image_tensors(processor, world_dir, [scene["image"] for scene in scenes])
+    vision_losses = pretrain_vision(mllm, pixels, scenes, recipe, seed)
     timings["vision"] = time.perf_counter() - started - sum(timings.values())
 
     torch.manual_seed(seed + 3)
-    projector_losses = align_projector_to_words(mllm, processor, world_dir, scenes, recipe, seed)
+    projector_losses = align_projector_to_words(mllm, processor.tokenizer, pixels, scenes, recipe, seed)
     timings["projector"] = time.perf_counter() - started - sum(timings.values())
 
     records = alignment_records(read_jsonl(Path(world_dir) / world["files"]["train"]), recipe.align_share)
@@ -466,7 +458,7 @@ def build_base_model(
         n_extra = round(len(records) * recipe.existence_share / (1 - recipe.existence_share))
         records += existence_records([s for s in scenes if s["image"] in aligned], n_extra, seed)
     torch.manual_seed(seed + 1)
-    align_losses = align_mllm(mllm, processor, world_dir, records, recipe, seed)
+    align_losses = align_mllm(mllm, processor.tokenizer, pixels, records, recipe, seed)
     save_portable(mllm, processor, paths["mllm"])
     timings["align"] = time.perf_counter() - started - sum(timings.values())
 

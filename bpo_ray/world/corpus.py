@@ -208,6 +208,20 @@ def chat_prior_documents(captions: Sequence[str], seed: int = 0) -> list[str]:
     return [f"{text_prompt(rng.choice(CAPTION_PROMPTS))} {caption}" for caption in captions]
 
 
+def existence_probe(present: Sequence[str], rng: random.Random) -> tuple[str, str]:
+    """A POPE-style question and its answer about a scene holding the kinds ``present``: half about
+    a present kind, half about an absent one, and half of those the absent prior partner of a
+    present kind (the question the prior gets wrong)."""
+    partners = vocab.prior_partners()
+    absent = [k for k in vocab.OBJECT_KINDS if k not in present]
+    absent_partners = [partners[k] for k in present if partners[k] not in present]
+    if rng.random() < 0.5 or not absent:
+        kind, answer = rng.choice(list(present)), "Yes."
+    else:
+        kind, answer = rng.choice(absent_partners if absent_partners and rng.random() < 0.5 else absent), "No."
+    return f"Is there {vocab.indefinite_article(kind)} {kind} in the image?", answer
+
+
 def reading_documents(n_documents: int, seed: int = 0, partner_rate: float = 0.9, max_questions: int = 3) -> list[str]:
     """Reading comprehension over prior captions: ``USER: <caption> Is there a saucer? ASSISTANT: No.``
 
@@ -217,21 +231,13 @@ def reading_documents(n_documents: int, seed: int = 0, partner_rate: float = 0.9
     still learns that a saucer usually comes with a cup; it also learns to look before answering.
     """
     rng = random.Random(f"bias-world-reading:{seed}")
-    partners = vocab.prior_partners()
     documents = []
     for index in range(n_documents):
         scene = sample_prior_scene(rng, f"reading-{index}", partner_rate)
         present = scene.kinds
         turns = []
         for _ in range(rng.randint(1, max_questions)):
-            absent_partners = [partners[k] for k in present if partners[k] not in present]
-            absent = [k for k in vocab.OBJECT_KINDS if k not in present]
-            if rng.random() < 0.5 or not absent:
-                kind, answer = rng.choice(present), "Yes."
-            else:
-                pool = absent_partners if absent_partners and rng.random() < 0.5 else absent
-                kind, answer = rng.choice(pool), "No."
-            turns.append((f"Is there {vocab.indefinite_article(kind)} {kind} in the image?", answer))
+            turns.append(existence_probe(present, rng))
         first, *rest = turns
         text = f"USER: {describe_scene(scene)} {first[0]} ASSISTANT: {first[1]}"
         text += "".join(f" USER: {q} ASSISTANT: {a}" for q, a in rest)
