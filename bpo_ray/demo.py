@@ -32,6 +32,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 # report's differences are more than noise. Any of them can be overridden with --set.
 DEMO_OVERRIDES: tuple[str, ...] = (
     "generate.max_items=600",
+    "train.epochs=1",
     "evaluate.max_items=150",
 )
 

@@ -23,6 +23,8 @@ SMALL = [
     "world.base_model.vision_steps=4", "world.base_model.vision_batch_size=8",
     "world.base_model.projector_steps=4", "world.base_model.align_steps=4",
     "world.base_model.align_batch_size=4", "world.base_model.warmup_steps=2",
+    "world.base_model.existence_steps=3", "world.base_model.existence_questions=20",
+    "world.base_model.align_text_share=0.25",  # exercises the text-only rows of the alignment mix
     "world.eval.noise_steps=[0,500]", "world.eval.max_new_tokens=16",
 ]
 
@@ -57,7 +59,7 @@ def test_build_writes_world_models_and_measurements(built):
     assert (root / "world" / "world.json").exists() and (root / "world" / "test.jsonl").exists()
     meta = json.loads((root / "models" / "base_model.json").read_text())
     assert set(meta["paths"]) == {"mllm", "text_llm"}
-    for stage in ("pretrain", "vision", "projector", "align"):
+    for stage in ("pretrain", "vision", "projector", "existence", "align"):
         assert meta[stage]["last_loss"] == meta[stage]["last_loss"]  # not NaN
     evaluation = json.loads((root / "world" / "base_eval" / "base_eval.json").read_text())
     assert {"chair_s", "chair_i", "recall", "prior_typical_share"} <= set(evaluation["chair"])

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from bpo_ray.eval.chair import ObjectMentionExtractor, score_chair
+from bpo_ray.eval.pope import parse_yes_no
 from bpo_ray.world import vocab
 from bpo_ray.world.build import SPLITS, build_world
 from bpo_ray.world.corpus import build_corpus, partner_cooccurrence, prior_typical_partner
@@ -94,7 +95,8 @@ def test_records_are_valid_llava_format(world_dir: Path) -> None:
             for question, answer in zip(turns[::2], turns[1::2]):
                 if question["value"].split("\n")[-1].startswith("Is there"):
                     kind = question["value"].rstrip("?").split()[-4]
-                    assert answer["value"] == ("Yes." if kind in record["objects"] else "No.")
+                    assert answer["value"] == vocab.existence_answer(kind, kind in record["objects"])
+                    assert parse_yes_no(answer["value"]) == ("yes" if kind in record["objects"] else "no")
     assert sources == {"caption", "vqa", "conversation"}
 
 
@@ -131,3 +133,11 @@ def test_corpus_is_deterministic_and_in_caption_style() -> None:
     assert build_corpus(50, seed=1) != build_corpus(50, seed=2)
     caption = describe_scene(sample_scene(random.Random(0)))
     assert all(line.startswith("There ") and line.endswith(".") for line in build_corpus(50) + [caption])
+
+
+@pytest.mark.parametrize("kind", ["cup", "toothpaste", "mouse"])
+def test_existence_answer_names_the_object_then_decides_and_flips(kind: str) -> None:
+    yes, no = vocab.existence_answer(kind, True), vocab.existence_answer(kind, False)
+    assert yes.split()[:2] == ["The", kind] and yes != no
+    assert (parse_yes_no(yes), parse_yes_no(no)) == ("yes", "no")
+    assert vocab.flip_existence_answer(yes) == no and vocab.flip_existence_answer(no) == yes

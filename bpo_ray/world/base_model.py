@@ -10,11 +10,14 @@ The recipe mirrors how LLaVA-1.5 is made, at toy size:
    token stream, random windows, AdamW, cosine schedule.
 3. **Transplant**: the text LM's weights become the LLaVA's language model, as LLaVA starts from
    Vicuna.
-4. **Alignment** (LLaVA's short alignment stage): a few hundred steps on a small share of the
-   train split, loss on answer tokens only, prompts from ``bpo_ray.models.prompts.build_prompt``.
-   The vision tower is trained too (ours has no CLIP pretraining to inherit). Short on purpose:
-   the model learns to see, but not long enough to unlearn the prior, so it names prior partners
-   that are not in the image (the hallucination BPO corrects).
+4. **Vision pretraining** (CLIP's role) on 2x2 patches that straddle the 3x3 scene grid, so
+   objects off the corners are seen weakly, and **feature alignment**: the projector maps each
+   patch onto the LM's word embeddings of what it shows.
+5. **Short VQA**: existence questions alone, which form the "compare the asked word with the
+   image tokens" circuit (mixed into the captions from the start, they stay at chance).
+6. **Alignment** (LLaVA's instruction stage): answer-token loss on the train split's records
+   plus existence questions. Short, and with weak evidence off the corners: the model describes
+   what it sees and fills in the rest from its prior (the hallucination BPO corrects).
 
 ``build_base_model(world_dir, out_dir, recipe)`` writes ``out_dir/llava`` (the MLLM) and
 ``out_dir/text_lm`` (the error injector's LLM) with ``save_portable`` (HF + vLLM loadable) and
@@ -44,7 +47,7 @@ from bpo_ray.models.tiny import TinySpec, build_tiny_models
 from bpo_ray.world import vocab
 from bpo_ray.world.corpus import chat_prior_documents, error_injection_documents, existence_probe, reading_documents
 
-BASE_MODEL_FORMAT = "bpo-ray/bias-world-base-model/1"
+BASE_MODEL_FORMAT = "bpo-ray/bias-world-base-model/2"
 IGNORE_INDEX = -100
 
 
@@ -53,11 +56,11 @@ BaseModelRecipe = BaseModelConfig
 
 
 def patch_size_for(recipe: BaseModelRecipe, image_size: int) -> int:
-    """The vision patch size: by default a third of the image, one patch per grid cell."""
+    """The vision patch size in pixels; 0 means a third of the image, one patch per grid cell."""
     patch = recipe.patch_size or image_size // 3
     if patch <= 0 or image_size % patch:
-        raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch} "
-                         "(build the world with an image size divisible by 3, e.g. 48)")
+        raise ValueError(f"world.image_size {image_size} is not a multiple of world.base_model.patch_size {patch} "
+                         "(the defaults are 48 and 24)")
     return patch
 
 
@@ -360,14 +363,28 @@ def align_projector_to_words(mllm, tokenizer, pixels: dict[str, torch.Tensor], s
     return losses
 
 
-def align_mllm(mllm, tokenizer, pixels: dict[str, torch.Tensor], records: Sequence[dict[str, Any]], recipe: BaseModelRecipe, seed: int = 0) -> list[float]:
+def encode_text_chat(tokenizer, document: str) -> tuple[list[int], list[int]]:
+    """A text-only chat document ``USER: .. ASSISTANT: answer`` as ids and answer-only labels."""
+    prompt, answer = document.split(" ASSISTANT: ", 1)
+    prompt_ids = tokenizer(f"{prompt} ASSISTANT:", add_special_tokens=True)["input_ids"]
+    answer_ids = tokenizer(f" {answer}", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return prompt_ids + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + answer_ids
+
+
+def align_mllm(mllm, tokenizer, pixels: dict[str, torch.Tensor], records: Sequence[dict[str, Any]], recipe: BaseModelRecipe,
+               seed: int = 0, text_documents: Sequence[str] = ()) -> list[float]:
     """LLaVA's alignment stage: answer-token loss on image conversations; returns losses.
 
     The vision tower stays frozen (as LLaVA keeps CLIP frozen); the projector trains at
-    ``align_lr`` and the language model at ``align_lm_lr`` (0 freezes it too).
+    ``align_lr`` and the language model at ``align_lm_lr`` (0 freezes it too). With
+    ``text_documents`` (text-only prior chat, as LLaVA-1.5 mixes ShareGPT text into its data), an
+    ``align_text_share`` of every batch is text-only; the loss weighs both parts by their rows.
     """
     image_seq_length = mllm.config.image_seq_length
     examples = [encode_conversation(tokenizer, conversation_turns(r), image_seq_length) for r in records]
+    text_examples = [encode_text_chat(tokenizer, d) for d in text_documents]
+    n_text = round(recipe.align_batch_size * recipe.align_text_share) if text_examples else 0
+    n_image = max(1, recipe.align_batch_size - n_text)
     projector = list(mllm.model.multi_modal_projector.parameters())
     language_model = [*mllm.model.language_model.parameters(), *mllm.lm_head.parameters()]
     groups = [{"params": projector, "lr": recipe.align_lr, "peak": recipe.align_lr}]
@@ -384,10 +401,14 @@ def align_mllm(mllm, tokenizer, pixels: dict[str, torch.Tensor], records: Sequen
     for step in progress:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, recipe.align_steps, group["peak"], recipe.warmup_steps)
-        rows = torch.randint(0, len(examples), (recipe.align_batch_size,), generator=generator).tolist()
+        rows = torch.randint(0, len(examples), (n_image,), generator=generator).tolist()
         batch = pad_batch([examples[row] for row in rows], tokenizer.pad_token_id)
         pixel_values = torch.stack([pixels[records[row]["image"]] for row in rows])
         loss = mllm(**batch, pixel_values=pixel_values).loss
+        if n_text:
+            text_rows = torch.randint(0, len(text_examples), (n_text,), generator=generator).tolist()
+            text_loss = mllm(**pad_batch([text_examples[row] for row in text_rows], tokenizer.pad_token_id)).loss
+            loss = (n_image * loss + n_text * text_loss) / (n_image + n_text)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
@@ -452,13 +473,29 @@ def build_base_model(
     projector_losses = align_projector_to_words(mllm, processor.tokenizer, pixels, scenes, recipe, seed)
     timings["projector"] = time.perf_counter() - started - sum(timings.values())
 
+    if recipe.existence_steps:
+        # Short VQA first (LLaVA-1.5 mixes VQAv2/GQA in): existence questions alone form the
+        # "compare the asked word with the image tokens" circuit in a few hundred steps; mixed
+        # into the captions from the start, the same questions stay at chance for thousands.
+        torch.manual_seed(seed + 4)
+        existence_recipe = recipe.model_copy(update={"align_steps": recipe.existence_steps, "align_text_share": 0.0})
+        existence_losses = align_mllm(mllm, processor.tokenizer, pixels, existence_records(scenes, recipe.existence_questions, seed + 4),
+                                      existence_recipe, seed + 4)
+    else:
+        existence_losses = []
+    timings["existence"] = time.perf_counter() - started - sum(timings.values())
+
     records = alignment_records(read_jsonl(Path(world_dir) / world["files"]["train"]), recipe.align_share)
     if recipe.existence_share > 0:
         aligned = {record["image"] for record in records}
         n_extra = round(len(records) * recipe.existence_share / (1 - recipe.existence_share))
         records += existence_records([s for s in scenes if s["image"] in aligned], n_extra, seed)
     torch.manual_seed(seed + 1)
-    align_losses = align_mllm(mllm, processor.tokenizer, pixels, records, recipe, seed)
+    text_documents = []
+    if recipe.align_text_share > 0:
+        captions = (Path(world_dir) / world["files"]["corpus"]).read_text(encoding="utf-8").splitlines()
+        text_documents = chat_prior_documents(captions, seed + 1)
+    align_losses = align_mllm(mllm, processor.tokenizer, pixels, records, recipe, seed, text_documents)
     save_portable(mllm, processor, paths["mllm"])
     timings["align"] = time.perf_counter() - started - sum(timings.values())
 
@@ -469,6 +506,7 @@ def build_base_model(
         "pretrain": {"documents": len(documents), "first_loss": pretrain_losses[0], "last_loss": _tail_mean(pretrain_losses)},
         "vision": {"scenes": len(scenes), "first_loss": vision_losses[0], "last_loss": _tail_mean(vision_losses)},
         "projector": {"first_loss": projector_losses[0], "last_loss": _tail_mean(projector_losses)},
+        "existence": {"first_loss": existence_losses[0], "last_loss": _tail_mean(existence_losses)} if existence_losses else None,
         "align": {"records": len(records), "first_loss": align_losses[0], "last_loss": _tail_mean(align_losses)},
         "seconds": {name: round(value, 2) for name, value in timings.items()},
     }

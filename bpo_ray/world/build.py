@@ -25,7 +25,7 @@ from bpo_ray.world import vocab
 from bpo_ray.world.corpus import partner_cooccurrence, sample_prior_scenes
 from bpo_ray.world.scenes import RECORD_SOURCES, Scene, describe_scene, records_for_scene, render_scene, sample_scene
 
-WORLD_FORMAT = "bpo-ray/bias-world/2"
+WORLD_FORMAT = "bpo-ray/bias-world/3"
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 

@@ -163,7 +163,7 @@ def _modified_short_answer(scene: Scene, rng: random.Random) -> tuple[str, str, 
         true_count = answer.rstrip(".").lower()
         other = rng.choice([w for w in vocab.COUNT_WORDS.values() if w != true_count])
         return question, answer, other.capitalize() + "."
-    return question, answer, "No." if answer == "Yes." else "Yes."
+    return question, answer, vocab.flip_existence_answer(answer)
 
 
 def error_injection_example(rng: random.Random, scene_id: str = "injection") -> str:
@@ -216,10 +216,10 @@ def existence_probe(present: Sequence[str], rng: random.Random) -> tuple[str, st
     absent = [k for k in vocab.OBJECT_KINDS if k not in present]
     absent_partners = [partners[k] for k in present if partners[k] not in present]
     if rng.random() < 0.5 or not absent:
-        kind, answer = rng.choice(list(present)), "Yes."
+        kind, is_present = rng.choice(list(present)), True
     else:
-        kind, answer = rng.choice(absent_partners if absent_partners and rng.random() < 0.5 else absent), "No."
-    return f"Is there {vocab.indefinite_article(kind)} {kind} in the image?", answer
+        kind, is_present = rng.choice(absent_partners if absent_partners and rng.random() < 0.5 else absent), False
+    return f"Is there {vocab.indefinite_article(kind)} {kind} in the image?", vocab.existence_answer(kind, is_present)
 
 
 def reading_documents(n_documents: int, seed: int = 0, partner_rate: float = 0.9, max_questions: int = 3) -> list[str]:

@@ -255,10 +255,10 @@ def existence_question(scene: Scene, rng: random.Random) -> QuestionAnswer:
     present = scene.kinds
     absent = [kind for kind in vocab.OBJECT_KINDS if kind not in present]
     if rng.random() < 0.5 or not absent:
-        kind, answer = rng.choice(present), "Yes."
+        kind, is_present = rng.choice(present), True
     else:
-        kind, answer = rng.choice(absent), "No."
-    return f"Is there {vocab.indefinite_article(kind)} {kind} in the image?", answer
+        kind, is_present = rng.choice(absent), False
+    return f"Is there {vocab.indefinite_article(kind)} {kind} in the image?", vocab.existence_answer(kind, is_present)
 
 
 def position_question(scene: Scene, rng: random.Random) -> QuestionAnswer:

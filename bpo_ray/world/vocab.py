@@ -135,3 +135,21 @@ def plural_of(kind: str) -> str:
 def indefinite_article(word: str) -> str:
     """'a' or 'an' by the first letter; good enough for this vocabulary and COCO's."""
     return "an" if word[:1].lower() in "aeiou" else "a"
+
+
+def existence_answer(kind: str, present: bool) -> str:
+    """The world's answer to "Is there a <kind> in the image?": ``"The cup yes."`` / ``"The cup no."``.
+
+    The answer names the object, and the decision is the very next token, so one attention step
+    from the object word to the image tokens can decide it. A tiny LM does not learn the two-step
+    circuit (carry the asked word forward, then look it up) within the alignment budget: trained
+    to answer a bare "Yes."/"No." (or "The cup: yes.") it answers at chance.
+    ``bpo_ray.eval.pope.parse_yes_no`` reads the decision from the first yes/no word.
+    """
+    return f"The {kind} {'yes' if present else 'no'}."
+
+
+def flip_existence_answer(answer: str) -> str:
+    """The opposite decision for an answer made by ``existence_answer``."""
+    head, _, decision = answer.rstrip(".").rpartition(" ")
+    return f"{head} {'no' if decision == 'yes' else 'yes'}."
