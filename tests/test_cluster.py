@@ -20,6 +20,7 @@ its own environment first (cluster/aws.yaml, the KubeRay image).
 from __future__ import annotations
 
 import json
+import re
 import os
 import shlex
 import shutil
@@ -226,6 +227,19 @@ class TwoNodeCluster:
         nodes = list_nodes(address=self.dashboard_url, filters=[("state", "=", "ALIVE")], detail=True,
                            raise_on_missing_output=False)
         return [{"node_id": n.node_id, "resources": n.resources_total} for n in nodes]
+
+    def wait_for_free_cpus(self, n: float, timeout_s: float = 180) -> None:
+        """Return once ``n`` CPUs of the cluster are free (a returned node's raylet reports its
+        resources, and the last job's actors release theirs, a few seconds after it is ALIVE)."""
+        deadline, status = time.time() + timeout_s, ""
+        while time.time() < deadline:
+            status = subprocess.run([RAY, "status", f"--address={self.gcs_address}"], env=self.env,
+                                    capture_output=True, text=True, timeout=60).stdout
+            usage = re.search(r"([\d.]+)/([\d.]+) CPU", status)
+            if usage and float(usage.group(2)) - float(usage.group(1)) >= n:
+                return
+            time.sleep(2)
+        raise TimeoutError(f"{n} CPUs not free after {timeout_s} s:\n{status}")
 
     def node_id_with(self, resource: str) -> str:
         return next(n["node_id"] for n in self.alive_nodes() if resource in n["resources"])
@@ -646,6 +660,7 @@ def test_training_continues_from_its_checkpoint_after_losing_a_node(trained_thro
 def test_next_training_run_uses_the_returned_node(trained_through_node_loss, referenced, models, work, two_nodes):
     """The lost node comes back (a fresh `ray start`); the next elastic run spans both nodes."""
     cluster = two_nodes  # ensure_worker restarted it
+    cluster.wait_for_free_cpus(2 * cluster.cpus)
     out = work / "train_again"
     job, result = cluster.submit([
         "python", "jobs/train.py", "--config", "tiny", "--pairs", str(referenced), "--out", str(out),

@@ -22,7 +22,7 @@ from bpo_ray.train.logprobs import (
     token_logps,
 )
 from bpo_ray.train.loop import WarmupCosine
-from bpo_ray.train.losses import PreferenceLoss, sft_loss
+from bpo_ray.train.losses import PreferenceLoss, dpo_with_sft, sft_loss
 from bpo_ray.train.zero import fill_deepspeed_config, load_deepspeed_template
 
 # One pair used throughout: policy log-probs chosen -1.0, rejected -2.0; reference -1.5 for both.
@@ -199,6 +199,23 @@ def test_model_loss_matches_a_hand_computation(tiny_llava):
     out = PreferenceLoss("sigmoid", beta)(seq[:2], seq[2:], seq[:2] - d_w, seq[2:] - d_l)
     # pair 0: h = 2 - (-1) = 3 -> log(1 + e^-0.3) = 0.5543552; pair 1: h = -1 - 3 = -4 -> log(1 + e^0.4) = 0.9130153
     assert out.losses.tolist() == pytest.approx([math.log(1 + math.exp(-0.3)), math.log(1 + math.exp(0.4))], abs=1e-5)
+
+
+def test_sft_weight_adds_the_chosen_answers_nll_only(tiny_llava):
+    """DPO + w * NLL (RPO): the NLL is over the chosen rows' answer tokens, never the rejected."""
+    model, proc = tiny_llava
+    pairs = [encode_pair(proc, _image(), "What is here?", "A red cup.", "A blue dog and a leash.", 256),
+             encode_pair(proc, _image(), "Is there a cup?", "The cup yes.", "The cup no.", 256)]
+    batch = collate_pairs(pairs, proc.tokenizer.pad_token_id)
+    with torch.no_grad():
+        seq, tok, mask = forward_logps(model, batch, average=False, device=torch.device("cpu"))
+    dpo = PreferenceLoss("sigmoid", 0.1)(seq[:2], seq[2:], seq[:2] - 1.0, seq[2:] + 1.0).losses
+    plain, none = dpo_with_sft(dpo, tok, mask, 0.0)
+    assert none is None and plain.item() == pytest.approx(dpo.mean().item())
+    loss, nll = dpo_with_sft(dpo, tok, mask, 0.5)
+    n_chosen_tokens = sum(len(p.chosen_answer_ids) for p in pairs)
+    assert nll.item() == pytest.approx(-seq[:2].sum().item() / n_chosen_tokens, abs=1e-4)
+    assert loss.item() == pytest.approx(dpo.mean().item() + 0.5 * nll.item(), abs=1e-5)
 
 
 def test_warmup_cosine_schedule_by_hand():

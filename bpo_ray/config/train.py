@@ -33,6 +33,8 @@ class TrainConfig(StrictModel):
     beta: float = Field(0.1, gt=0, description="DPO beta (paper Eq. 4's eta)")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     average_logp: bool = False
+    sft_weight: float = Field(0.0, ge=0, description="dpo mode: + this times the chosen answers' per-token NLL "
+                              "(TRL's rpo_alpha); keeps DPO from lowering the likelihood of the ground truth")
     lora: LoraConfig = LoraConfig()
     lr: float = Field(2e-6, gt=0)
     epochs: float = Field(2.0, gt=0)

@@ -112,3 +112,25 @@ def sft_loss(token_logps: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tens
     """
     mask = answer_mask.to(token_logps.dtype)
     return -(token_logps * mask).sum() / mask.sum().clamp(min=1)
+
+
+def dpo_with_sft(preference_losses: torch.Tensor, token_logps: torch.Tensor, answer_mask: torch.Tensor,
+                 sft_weight: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The step's DPO objective, plus ``sft_weight`` times the NLL of the *chosen* answers (RPO,
+    Pang et al. 2024; TRL's ``rpo_alpha``). Plain DPO may lower log pi(y_w) as long as
+    log pi(y_l) falls faster; the NLL term holds the ground truth up.
+
+    Args:
+        preference_losses: per-pair losses from ``PreferenceLoss``, shape ``(n,)``.
+        token_logps, answer_mask: of the concatenated batch, chosen rows first, ``(2n, seq_len)``.
+        sft_weight: >= 0; 0 gives plain DPO.
+
+    Returns:
+        ``(loss, chosen_nll)``; ``chosen_nll`` is None when ``sft_weight`` is 0.
+    """
+    loss = preference_losses.mean()
+    if sft_weight <= 0:
+        return loss, None
+    n = preference_losses.shape[0]
+    chosen_nll = sft_loss(token_logps[:n], answer_mask[:n])
+    return loss + sft_weight * chosen_nll, chosen_nll
