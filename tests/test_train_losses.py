@@ -171,15 +171,21 @@ def test_encode_pair_truncates_answers_never_image_tokens(tiny_llava):
         encode_pair(proc, _image(), "Describe the image.", "Yes.", "No.", max_length=n_prompt)
 
 
+def _two_pairs_forward(model, proc, chosen: str, rejected: str):
+    """A caption pair and an existence pair (answers ``chosen``/``rejected``) through one
+    concatenated forward: ``(pairs, sequence_logps, token_logps, answer_mask)``."""
+    pairs = [encode_pair(proc, _image(), "What is here?", "A red cup.", "A blue dog and a leash.", 256),
+             encode_pair(proc, _image(), "Is there a cup?", chosen, rejected, 256)]
+    batch = collate_pairs(pairs, proc.tokenizer.pad_token_id)
+    with torch.no_grad():
+        return (pairs, *forward_logps(model, batch, average=False, device=torch.device("cpu")))
+
+
 def test_model_loss_matches_a_hand_computation(tiny_llava):
     """DPO loss from the batched, concatenated forward equals a per-sequence, per-token
     computation written out separately (log-softmax at each answer position, then Eq. 4)."""
     model, proc = tiny_llava
-    pairs = [encode_pair(proc, _image(), "What is here?", "A red cup.", "A blue dog and a leash.", 256),
-             encode_pair(proc, _image(), "Is there a cup?", "Yes.", "No.", 256)]
-    batch = collate_pairs(pairs, proc.tokenizer.pad_token_id)
-    with torch.no_grad():
-        seq, _, _ = forward_logps(model, batch, average=False, device=torch.device("cpu"))
+    pairs, seq, _, _ = _two_pairs_forward(model, proc, "Yes.", "No.")
 
     def by_hand(prompt_ids, answer_ids, pixel_values):
         ids = torch.tensor([prompt_ids + answer_ids])
@@ -204,11 +210,7 @@ def test_model_loss_matches_a_hand_computation(tiny_llava):
 def test_sft_weight_adds_the_chosen_answers_nll_only(tiny_llava):
     """DPO + w * NLL (RPO): the NLL is over the chosen rows' answer tokens, never the rejected."""
     model, proc = tiny_llava
-    pairs = [encode_pair(proc, _image(), "What is here?", "A red cup.", "A blue dog and a leash.", 256),
-             encode_pair(proc, _image(), "Is there a cup?", "The cup yes.", "The cup no.", 256)]
-    batch = collate_pairs(pairs, proc.tokenizer.pad_token_id)
-    with torch.no_grad():
-        seq, tok, mask = forward_logps(model, batch, average=False, device=torch.device("cpu"))
+    pairs, seq, tok, mask = _two_pairs_forward(model, proc, "The cup yes.", "The cup no.")
     dpo = PreferenceLoss("sigmoid", 0.1)(seq[:2], seq[2:], seq[:2] - 1.0, seq[2:] + 1.0).losses
     plain, none = dpo_with_sft(dpo, tok, mask, 0.0)
     assert none is None and plain.item() == pytest.approx(dpo.mean().item())
