@@ -2,7 +2,7 @@
 
 From an empty directory to a report: world build (data + base model), generate (image-weakened
 and error-injected negatives), reference log-probs, train (BPO with both strategies, with each
-alone, and the SFT baseline), serve (base + every adapter by name, and the judge proxy),
+alone, with a chosen-NLL term, and the SFT baseline), serve (base + every adapter by name, and the judge proxy),
 evaluate (CHAIR and POPE on the bias world's test split) and the comparison report.
 
 Each stage is submitted to a real local Ray cluster (``ray start --head``) through Ray's Job
