@@ -116,9 +116,10 @@ def prepare_pairs(
         if not rows:
             raise PairsError(f"none of the {table.num_rows} pairs at {uri} comes from train.strategies="
                              f"{sorted(wanted)} (they hold {sorted(set(of_row))})")
+    selected = table.take(rows)
     if check_images:
-        check_images_exist(table.take(rows))
-    lengths = dict(zip(rows, prompt_token_counts(processor, table.take(rows))))
+        check_images_exist(selected)
+    lengths = dict(zip(rows, prompt_token_counts(processor, selected)))
     keep = [i for i in rows if lengths[i] < max_length]
     too_long = [ids[i] for i in rows if lengths[i] >= max_length]
     if too_long:

@@ -95,6 +95,12 @@ def read_world(world_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def read_corpus(world_dir: str | Path) -> list[str]:
+    """The world's prior corpus, one caption a line."""
+    path = Path(world_dir) / read_world(world_dir)["files"]["corpus"]
+    return path.read_text(encoding="utf-8").splitlines()
+
+
 def alignment_records(records: Sequence[dict[str, Any]], share: float) -> list[dict[str, Any]]:
     """Records of the first ``share`` of the train split's scenes (all their record kinds)."""
     images = list(dict.fromkeys(record["image"] for record in records))
@@ -132,8 +138,7 @@ def conversation_turns(record: dict[str, Any]) -> list[tuple[str, str]]:
 def pretraining_documents(world_dir: str | Path, recipe: BaseModelRecipe, seed: int = 0) -> list[str]:
     """The text LM's corpus: prior captions (a ``chat_share`` of them in chat form) plus
     Table-1 error-injection documents, in a seeded shuffled order."""
-    world = read_world(world_dir)
-    captions = (Path(world_dir) / world["files"]["corpus"]).read_text(encoding="utf-8").splitlines()
+    captions = read_corpus(world_dir)
     n_chat = round(recipe.chat_share * len(captions))
     documents = chat_prior_documents(captions[:n_chat], seed) + captions[n_chat:]
     documents += error_injection_documents(recipe.injection_documents, seed)
@@ -204,26 +209,41 @@ def learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
 
 
-def pretrain_text_lm(model, stream: torch.Tensor, recipe: BaseModelRecipe, seed: int = 0) -> list[float]:
-    """Causal-LM training on random ``max_length`` windows of the packed stream; returns losses."""
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.pretrain_lr, betas=(0.9, 0.95), weight_decay=0.1)
-    window = min(recipe.max_length, len(stream) - 1)
+def run_steps(optimizer, steps: int, warmup: int, desc: str, batch_loss, clip: Sequence[torch.nn.Parameter] = ()) -> list[float]:
+    """The recipe's training loop: ``steps`` AdamW steps on ``batch_loss()`` (which draws its own
+    batch), each param group's lr on ``learning_rate`` from its ``"peak"``, gradient norm clipped
+    to 1 over ``clip`` when given; returns the losses."""
     losses: list[float] = []
-    model.train()
-    progress = tqdm(range(recipe.pretrain_steps), desc="pretrain text LM", leave=False)
+    progress = tqdm(range(steps), desc=desc, leave=False)
     for step in progress:
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, recipe.pretrain_steps, recipe.pretrain_lr, recipe.warmup_steps)
-        starts = torch.randint(0, len(stream) - window, (recipe.pretrain_batch_size,), generator=generator)
-        batch = torch.stack([stream[s : s + window] for s in starts.tolist()])
-        loss = model(input_ids=batch, labels=batch).loss
+            group["lr"] = learning_rate(step, steps, group["peak"], warmup)
+        loss = batch_loss()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if clip:
+            torch.nn.utils.clip_grad_norm_(clip, 1.0)
         optimizer.step()
         losses.append(loss.item())
         progress.set_postfix(loss=f"{losses[-1]:.3f}")
+    return losses
+
+
+def pretrain_text_lm(model, stream: torch.Tensor, recipe: BaseModelRecipe, seed: int = 0) -> list[float]:
+    """Causal-LM training on random ``max_length`` windows of the packed stream; returns losses."""
+    generator = torch.Generator().manual_seed(seed)
+    params = list(model.parameters())
+    optimizer = torch.optim.AdamW([{"params": params, "peak": recipe.pretrain_lr}], lr=recipe.pretrain_lr,
+                                  betas=(0.9, 0.95), weight_decay=0.1)
+    window = min(recipe.max_length, len(stream) - 1)
+
+    def batch_loss() -> torch.Tensor:
+        starts = torch.randint(0, len(stream) - window, (recipe.pretrain_batch_size,), generator=generator)
+        batch = torch.stack([stream[s : s + window] for s in starts.tolist()])
+        return model(input_ids=batch, labels=batch).loss
+
+    model.train()
+    losses = run_steps(optimizer, recipe.pretrain_steps, recipe.warmup_steps, "pretrain text LM", batch_loss, clip=params)
     model.eval()
     return losses
 
@@ -284,24 +304,18 @@ def pretrain_vision(mllm, pixels: dict[str, torch.Tensor], scenes: Sequence[dict
     n_kinds, n_colours = len(vocab.OBJECT_KINDS) + 1, len(vocab.COLOURS) + 1
     head = torch.nn.Linear(mllm.config.vision_config.hidden_size, n_kinds + n_colours)
     params = [*mllm.model.vision_tower.parameters(), *head.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=recipe.vision_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    optimizer = torch.optim.AdamW([{"params": params, "peak": recipe.vision_lr}], lr=recipe.vision_lr,
+                                  betas=(0.9, 0.95), weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed + 2)
-    losses: list[float] = []
-    mllm.model.vision_tower.train()
-    progress = tqdm(range(recipe.vision_steps), desc="pretrain vision", leave=False)
-    for step in progress:
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, recipe.vision_steps, recipe.vision_lr, recipe.warmup_steps)
+
+    def batch_loss() -> torch.Tensor:
         rows = torch.randint(0, len(scenes), (recipe.vision_batch_size,), generator=generator)
         logits = head(vision_patch_features(mllm, torch.stack([pixels[scenes[r]["image"]] for r in rows.tolist()])))
-        loss = torch.nn.functional.cross_entropy(logits[..., :n_kinds].flatten(0, 1), kinds[rows].flatten()) \
+        return torch.nn.functional.cross_entropy(logits[..., :n_kinds].flatten(0, 1), kinds[rows].flatten()) \
             + torch.nn.functional.cross_entropy(logits[..., n_kinds:].flatten(0, 1), colours[rows].flatten())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        losses.append(loss.item())
-        progress.set_postfix(loss=f"{losses[-1]:.3f}")
+
+    mllm.model.vision_tower.train()
+    losses = run_steps(optimizer, recipe.vision_steps, recipe.warmup_steps, "pretrain vision", batch_loss, clip=params)
     mllm.model.vision_tower.eval()
     return losses
 
@@ -344,21 +358,16 @@ def align_projector_to_words(mllm, tokenizer, pixels: dict[str, torch.Tensor], s
         word_embedding_targets(mllm, tokenizer, patch_words(scene, grid)) for scene in scenes
     ])
     projector = mllm.model.multi_modal_projector
-    optimizer = torch.optim.AdamW(projector.parameters(), lr=recipe.projector_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    optimizer = torch.optim.AdamW([{"params": list(projector.parameters()), "peak": recipe.projector_lr}],
+                                  lr=recipe.projector_lr, betas=(0.9, 0.95), weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed + 3)
-    losses: list[float] = []
-    projector.train()
-    progress = tqdm(range(recipe.projector_steps), desc="align projector", leave=False)
-    for step in progress:
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, recipe.projector_steps, recipe.projector_lr, recipe.warmup_steps)
+
+    def batch_loss() -> torch.Tensor:
         rows = torch.randint(0, len(scenes), (recipe.vision_batch_size,), generator=generator)
-        loss = torch.nn.functional.mse_loss(projector(patch_features[rows]), targets[rows])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-        progress.set_postfix(loss=f"{losses[-1]:.3f}")
+        return torch.nn.functional.mse_loss(projector(patch_features[rows]), targets[rows])
+
+    projector.train()
+    losses = run_steps(optimizer, recipe.projector_steps, recipe.warmup_steps, "align projector", batch_loss)
     projector.eval()
     return losses
 
@@ -395,12 +404,8 @@ def align_mllm(mllm, tokenizer, pixels: dict[str, torch.Tensor], records: Sequen
         param.requires_grad_(False)
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed + 1)
-    losses: list[float] = []
-    mllm.train()
-    progress = tqdm(range(recipe.align_steps), desc="align LLaVA", leave=False)
-    for step in progress:
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, recipe.align_steps, group["peak"], recipe.warmup_steps)
+
+    def batch_loss() -> torch.Tensor:
         rows = torch.randint(0, len(examples), (n_image,), generator=generator).tolist()
         batch = pad_batch([examples[row] for row in rows], tokenizer.pad_token_id)
         pixel_values = torch.stack([pixels[records[row]["image"]] for row in rows])
@@ -409,12 +414,11 @@ def align_mllm(mllm, tokenizer, pixels: dict[str, torch.Tensor], records: Sequen
             text_rows = torch.randint(0, len(text_examples), (n_text,), generator=generator).tolist()
             text_loss = mllm(**pad_batch([text_examples[row] for row in text_rows], tokenizer.pad_token_id)).loss
             loss = (n_image * loss + n_text * text_loss) / (n_image + n_text)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
-        optimizer.step()
-        losses.append(loss.item())
-        progress.set_postfix(loss=f"{losses[-1]:.3f}")
+        return loss
+
+    mllm.train()
+    losses = run_steps(optimizer, recipe.align_steps, recipe.warmup_steps, "align LLaVA", batch_loss,
+                       clip=[p for g in groups for p in g["params"]])
     for param in frozen:
         param.requires_grad_(True)
     mllm.eval()
@@ -491,10 +495,7 @@ def build_base_model(
         n_extra = round(len(records) * recipe.existence_share / (1 - recipe.existence_share))
         records += existence_records([s for s in scenes if s["image"] in aligned], n_extra, seed)
     torch.manual_seed(seed + 1)
-    text_documents = []
-    if recipe.align_text_share > 0:
-        captions = (Path(world_dir) / world["files"]["corpus"]).read_text(encoding="utf-8").splitlines()
-        text_documents = chat_prior_documents(captions, seed + 1)
+    text_documents = chat_prior_documents(read_corpus(world_dir), seed + 1) if recipe.align_text_share > 0 else []
     align_losses = align_mllm(mllm, processor.tokenizer, pixels, records, recipe, seed, text_documents)
     save_portable(mllm, processor, paths["mllm"])
     timings["align"] = time.perf_counter() - started - sum(timings.values())
