@@ -20,7 +20,6 @@ its own environment first (cluster/aws.yaml, the KubeRay image).
 from __future__ import annotations
 
 import json
-import re
 import os
 import shlex
 import shutil
@@ -168,6 +167,7 @@ class TwoNodeCluster:
             '--system-config={"health_check_period_ms": 1000, "health_check_failure_threshold": 5}',
         ], root / "h", self.env, root)
         self.worker: Optional[RayNode] = None
+        self.worker_joined_at = 0.0
         self._worker_starts = 0
 
     @property
@@ -209,6 +209,7 @@ class TwoNodeCluster:
             while time.time() < deadline and self.worker.alive:
                 try:
                     if len(self.alive_nodes()) == expected:
+                        self.worker_joined_at = time.time()
                         return self.worker
                 except Exception:
                     pass
@@ -228,18 +229,16 @@ class TwoNodeCluster:
                            raise_on_missing_output=False)
         return [{"node_id": n.node_id, "resources": n.resources_total} for n in nodes]
 
-    def wait_for_free_cpus(self, n: float, timeout_s: float = 180) -> None:
-        """Return once ``n`` CPUs of the cluster are free (a returned node's raylet reports its
-        resources, and the last job's actors release theirs, a few seconds after it is ALIVE)."""
-        deadline, status = time.time() + timeout_s, ""
-        while time.time() < deadline:
-            status = subprocess.run([RAY, "status", f"--address={self.gcs_address}"], env=self.env,
-                                    capture_output=True, text=True, timeout=60).stdout
-            usage = re.search(r"([\d.]+)/([\d.]+) CPU", status)
-            if usage and float(usage.group(2)) - float(usage.group(1)) >= n:
-                return
-            time.sleep(2)
-        raise TimeoutError(f"{n} CPUs not free after {timeout_s} s:\n{status}")
+    def wait_until_train_sees_the_worker(self) -> None:
+        """Ray Train's elastic policy sizes a run from the reservations of Ray's autoscaling
+        coordinator, whose view of the cluster's nodes is refreshed once a tick
+        (``TICK_INTERVAL_S``, 20 s): a run started sooner after the worker joined does not see it."""
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            _AutoscalingCoordinatorActor,
+        )
+
+        ready_at = self.worker_joined_at + _AutoscalingCoordinatorActor.TICK_INTERVAL_S + 5
+        time.sleep(max(0.0, ready_at - time.time()))
 
     def node_id_with(self, resource: str) -> str:
         return next(n["node_id"] for n in self.alive_nodes() if resource in n["resources"])
@@ -660,7 +659,7 @@ def test_training_continues_from_its_checkpoint_after_losing_a_node(trained_thro
 def test_next_training_run_uses_the_returned_node(trained_through_node_loss, referenced, models, work, two_nodes):
     """The lost node comes back (a fresh `ray start`); the next elastic run spans both nodes."""
     cluster = two_nodes  # ensure_worker restarted it
-    cluster.wait_for_free_cpus(2 * cluster.cpus)
+    cluster.wait_until_train_sees_the_worker()
     out = work / "train_again"
     job, result = cluster.submit([
         "python", "jobs/train.py", "--config", "tiny", "--pairs", str(referenced), "--out", str(out),
