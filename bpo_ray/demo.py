@@ -31,12 +31,14 @@ VARIANTS: dict[str, tuple[str, list[str], tuple[str, ...]]] = {
 }
 
 
-# The demo's sizes: small enough for one 2-core machine in under 20 minutes, large enough that the
-# report's differences are more than noise. Any of them can be overridden with --set.
+# The demo's sizes: small enough for one 2-core machine in under 20 minutes. Any of them can be
+# overridden with --set. The 1200 items are a seeded sample of the whole train split (988 images);
+# the first 1200 items would cover only 269. Every one of the 300 test captions is scored (the
+# first 150 alone gave the base model CHAIR_i 0.207, all 300 give 0.241).
 DEMO_OVERRIDES: tuple[str, ...] = (
-    "generate.max_items=1200",
+    "generate.sample_items=1200",
     "train.epochs=1",
-    "evaluate.max_items=150",
+    "evaluate.max_items=300",
 )
 
 

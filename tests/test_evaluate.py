@@ -339,7 +339,7 @@ def _metrics(chair_i: float, f1: float, mm: float, rel: float) -> dict:
     split = {"accuracy": 0.5, "precision": 0.5, "recall": 0.5, "f1": f1, "yes_ratio": 0.5, "n": 10,
              "true_positives": 0, "false_positives": 0, "true_negatives": 0, "false_negatives": 0}
     return {"benchmarks": {
-        "chair": {"chair_s": 2 * chair_i, "chair_i": chair_i, "recall": 0.5},
+        "chair": {"chair_s": 2 * chair_i, "chair_i": chair_i, "recall": 0.5, "n_mentions": 300},
         "pope": {"random": split, "adversarial": {**split, "f1": f1 - 0.1},
                  "mean": {"accuracy": 0.5, "precision": 0.5, "recall": 0.5, "f1": f1 - 0.05, "yes_ratio": 0.5}},
         "mmvet": {"total": mm, "per_capability": {"rec": mm, "spat": mm / 2}},
@@ -367,6 +367,8 @@ def test_report_table_deltas_plots_and_json(tmp_path):
     base_row = next(line for line in markdown.splitlines() if line.startswith("| base |"))
     assert "(" not in base_row  # no delta against itself
     assert "| bpo-both | chair | 3 | 2 | 1 | missing_image: 1 |" in markdown
+    # base: CHAIR_i 0.25 over 300 mentions -> sqrt(.25*.75/300) = 2.5 points; POPE acc 0.5 over 20 probes -> 11.2
+    assert "standard error of **base**: CHAIR_i ±2.5 (300 object mentions), POPE acc ±11.2 (20 probes)" in markdown
     assert "| base | 25.0 | 12.5 | 25.0 |" in markdown  # MM-Vet by capability: rec, spat, total
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["baseline"] == "base" and report["config"] == {"evaluate": {"max_items": 5}}

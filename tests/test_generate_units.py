@@ -229,6 +229,22 @@ def test_json_array_with_truncated_tail_keeps_the_records_before_it(tmp_path):
     assert read.items[-1]["reason"] == "malformed_json"
 
 
+def test_sample_items_spreads_a_seeded_sample_over_the_whole_source(tmp_path):
+    recs = [{"id": f"r{i}", "image": f"{i}.png", "conversations": _conv("q?", "a.")} for i in range(200)]
+    (tmp_path / "s.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
+    first = read_source(str(tmp_path / "s.jsonl"), max_items=20).items
+    assert [it["item_id"] for it in first] == [f"r{i}#0" for i in range(20)]
+    sample = read_source(str(tmp_path / "s.jsonl"), sample_items=20, seed=3).items
+    ids = [int(it["item_id"][1:-2]) for it in sample]
+    assert len(set(ids)) == 20 and ids == sorted(ids) and max(ids) >= 100  # spread, in source order
+    assert [it["order"] for it in sample] == list(range(20))
+    again = read_source(str(tmp_path / "s.jsonl"), sample_items=20, seed=3).items
+    other = read_source(str(tmp_path / "s.jsonl"), sample_items=20, seed=4).items
+    assert [it["item_id"] for it in again] == [it["item_id"] for it in sample]
+    assert [it["item_id"] for it in other] != [it["item_id"] for it in sample]
+    assert len(read_source(str(tmp_path / "s.jsonl"), sample_items=500).items) == 200
+
+
 def test_missing_source_is_a_clear_error(tmp_path):
     with pytest.raises(SourceError, match="does not exist"):
         read_source(str(tmp_path / "nope.jsonl"))

@@ -128,6 +128,23 @@ def test_scenes_ignore_the_prior_while_the_corpus_obeys_it() -> None:
     assert abs(in_corpus["partner_given_kind"] - 0.9) < 0.03
 
 
+def test_train_partner_rate_makes_only_train_scenes_follow_the_prior(world_dir: Path, tmp_path: Path) -> None:
+    build_world(str(tmp_path), seed=3, n_scenes=400, corpus_lines=300, train_partner_rate=0.8)
+    independent = tmp_path / "independent"
+    build_world(str(independent), seed=3, n_scenes=400, corpus_lines=300)
+    by_split = {}
+    for out in (tmp_path, independent):
+        scenes = _read_jsonl(out / "scenes.jsonl")
+        by_split[out] = {split: partner_cooccurrence({o["kind"] for o in s["objects"]} for s in scenes if s["split"] == split)
+                         for split in ("train", "test")}
+    followed, plain = by_split[tmp_path], by_split[independent]
+    assert followed["train"]["partner_given_kind"] > 0.6 > plain["train"]["partner_given_kind"] + 0.3
+    # val/test scenes are the very same as without the knob (same images, same records)
+    assert (tmp_path / "test.jsonl").read_bytes() == (independent / "test.jsonl").read_bytes()
+    assert followed["test"] == plain["test"]
+    assert json.loads((tmp_path / "world.json").read_text())["params"]["train_partner_rate"] == 0.8
+
+
 def test_corpus_is_deterministic_and_in_caption_style() -> None:
     assert build_corpus(50, seed=1) == build_corpus(50, seed=1)
     assert build_corpus(50, seed=1) != build_corpus(50, seed=2)

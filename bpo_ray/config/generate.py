@@ -129,6 +129,9 @@ class GenerateConfig(StrictModel):
     max_text_chars: int = Field(20000, ge=1, description="longer questions/answers are quarantined")
     shard_size: int = Field(64, ge=1, description="items per resumable output shard")
     max_items: Optional[int] = Field(None, ge=1, description="only the first N items (smoke runs)")
+    sample_items: Optional[int] = Field(
+        None, ge=1, description="a uniform sample of N items from the whole source, seeded by `seed` and kept in "
+        "source order: a small run that still spreads over every image (unlike max_items' first N)")
     io_num_cpus: float = Field(0.25, ge=0, description="CPUs per image-loading / pair-building task")
     progress: bool = True
     sampler: SamplerConfig = SamplerConfig()

@@ -87,6 +87,8 @@ class WorldConfig(StrictModel):
     n_scenes: int = Field(3000, ge=10)
     image_size: int = Field(48, ge=16, description="square image side in pixels; a multiple of world.base_model.patch_size")
     corpus_lines: int = Field(20000, ge=1)
+    train_partner_rate: float = Field(0.0, ge=0, le=1, description="train scenes get each present kind's prior "
+                                      "partner with this probability (as COCO's images co-occur); val/test stay independent")
     models_out: Optional[str] = Field(None, description="base models' directory (default: <out>/../models)")
     base_model: BaseModelConfig = BaseModelConfig()
     eval: WorldEvalConfig = WorldEvalConfig()

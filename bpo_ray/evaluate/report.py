@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -88,6 +89,36 @@ def headline_values(results: Mapping[str, Any]) -> dict[str, dict[str, Optional[
     return {name: {c.label: c.get(m.get("benchmarks", {})) for c in columns} for name, m in results.items()}
 
 
+def standard_errors(benchmarks: Mapping[str, Any]) -> dict[str, tuple[float, int]]:
+    """One binomial standard error, in percent points, with its sample size: CHAIR_i over object
+    mentions, POPE accuracy over every probe of every split. Returns only what the metrics allow."""
+    out: dict[str, tuple[float, int]] = {}
+    chair = benchmarks.get("chair") or {}
+    n = chair.get("n_mentions")
+    if isinstance(n, int) and n > 0 and isinstance(chair.get("chair_i"), (int, float)):
+        p = float(chair["chair_i"])
+        out["CHAIR_i"] = (100 * math.sqrt(p * (1 - p) / n), n)
+    pope = benchmarks.get("pope") or {}
+    splits = [s for k, s in pope.items() if k != "mean" and isinstance(s, Mapping) and isinstance(s.get("n"), int)]
+    n = sum(s["n"] for s in splits)
+    if n > 0:
+        a = sum(s["accuracy"] * s["n"] for s in splits) / n
+        out["POPE acc"] = (100 * math.sqrt(a * (1 - a) / n), n)
+    return out
+
+
+def _noise_note(results: Mapping[str, Any], base_name: Optional[str]) -> list[str]:
+    if not base_name:
+        return []
+    errors = standard_errors(results[base_name].get("benchmarks", {}))
+    if not errors:
+        return []
+    units = {"CHAIR_i": "object mentions", "POPE acc": "probes"}
+    parts = ", ".join(f"{k} ±{se:.1f} ({n} {units[k]})" for k, (se, n) in errors.items())
+    return [f"One binomial standard error of **{base_name}**: {parts}. A change smaller than about twice "
+            "that is within sampling noise.", ""]
+
+
 def markdown_report(results: Mapping[str, Any], baseline: Optional[str] = None, title: str = "Evaluation",
                     plots: tuple[str, ...] = ()) -> str:
     base_name = pick_baseline(results, baseline)
@@ -100,6 +131,7 @@ def markdown_report(results: Mapping[str, Any], baseline: Optional[str] = None, 
     rows = [[name] + [_cell(values[name][label], values[base_name][label] if base_name else None,
                             name != base_name) for label in labels] for name in results]
     parts += ["## Main results", "", _table(["Model"] + labels, rows), ""]
+    parts += _noise_note(results, base_name)
 
     pope_rows = []
     for name, m in results.items():

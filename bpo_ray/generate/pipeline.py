@@ -171,7 +171,7 @@ def run_generate(cfg: BPOConfig, source: str, out: str, images: Optional[str] = 
     if "judge_ranked" in gen.strategies and not gen.judge_ranked.judge_url:
         raise ValueError("strategy judge_ranked needs generate.judge_ranked.judge_url (an OpenAI-compatible base URL)")
     t0 = time.perf_counter()
-    read = read_source(source, images, gen.max_text_chars, gen.max_items)
+    read = read_source(source, images, gen.max_text_chars, gen.max_items, gen.sample_items, gen.seed)
     n_shards = assign_shards(read.items, gen.shard_size)
     store = ShardStore(out)
     if restart:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
@@ -264,10 +265,13 @@ def explode_record(record: dict, source: str, images_root: Optional[str], max_te
 
 
 def read_source(source: str, images_root: Optional[str] = None, max_text_chars: int = 20000,
-                max_items: Optional[int] = None) -> SourceRead:
+                max_items: Optional[int] = None, sample_items: Optional[int] = None,
+                seed: int = 0) -> SourceRead:
     """Read every record of ``source`` (file, directory or prefix; local or s3://) into items.
 
     ``images_root`` resolves relative ``image`` fields; by default, the source file's folder.
+    ``sample_items`` keeps a seeded uniform sample of that many items (in source order), then
+    ``max_items`` keeps the first that many.
     Items get a global ``order`` (stable for the same input) used for sharding and resume.
     """
     files = list_source_files(source)
@@ -300,6 +304,9 @@ def read_source(source: str, images_root: Optional[str] = None, max_text_chars: 
                 continue
             seen.add(rid)
             out.items.extend(explode_record(record, src, root, max_text_chars, rid))
+    if sample_items is not None and sample_items < len(out.items):
+        keep = sorted(random.Random(seed).sample(range(len(out.items)), sample_items))
+        out.items = [out.items[i] for i in keep]
     if max_items is not None:
         out.items = out.items[:max_items]
     for order, item in enumerate(out.items):

@@ -23,7 +23,8 @@ from typing import Any, Sequence
 
 from bpo_ray.world import vocab
 from bpo_ray.world.corpus import partner_cooccurrence, sample_prior_scenes
-from bpo_ray.world.scenes import RECORD_SOURCES, Scene, describe_scene, records_for_scene, render_scene, sample_scene
+from bpo_ray.world.scenes import (RECORD_SOURCES, Scene, describe_scene, records_for_scene, render_scene, sample_scene,
+                                  with_prior_partners)
 
 WORLD_FORMAT = "bpo-ray/bias-world/3"
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -88,6 +89,7 @@ def build_world(
     partner_rate: float = 0.9,
     object_rate: float = 0.15,
     sources: Sequence[str] = RECORD_SOURCES,
+    train_partner_rate: float = 0.0,
 ) -> dict[str, Any]:
     """Build (or find already built) the bias world in ``out_dir``; returns the world.json content."""
     params = {
@@ -99,6 +101,7 @@ def build_world(
         "partner_rate": partner_rate,
         "object_rate": object_rate,
         "sources": list(sources),
+        "train_partner_rate": train_partner_rate,
     }
     world_path = os.path.join(out_dir, "world.json")
     if os.path.exists(world_path):
@@ -110,6 +113,10 @@ def build_world(
     scene_rng = random.Random(f"bias-world-scenes:{seed}")
     scenes = [sample_scene(scene_rng, f"scene-{i:06d}", object_rate=object_rate) for i in range(n_scenes)]
     split_of = split_scenes(n_scenes, seed, split_fractions)
+    if train_partner_rate > 0:
+        partner_rng = random.Random(f"bias-world-partners:{seed}")
+        scenes = [with_prior_partners(scene, partner_rng, train_partner_rate) if split == "train" else scene
+                  for scene, split in zip(scenes, split_of)]
 
     records: dict[str, list[dict[str, Any]]] = {split: [] for split in SPLITS}
     annotations: list[dict[str, Any]] = []

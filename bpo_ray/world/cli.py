@@ -66,7 +66,7 @@ def run_build(args: argparse.Namespace) -> int:
     seed = w.seed if args.seed is None else args.seed
     started = time.perf_counter()
     world = build_world(str(out), seed=seed, n_scenes=w.n_scenes, image_size=w.image_size,
-                        corpus_lines=w.corpus_lines)
+                        corpus_lines=w.corpus_lines, train_partner_rate=w.train_partner_rate)
     counts = world["counts"]
     print(f"world: {counts['images']} scenes, records {counts['records']} -> {out} "
           f"({time.perf_counter() - started:.1f}s)", flush=True)

@@ -118,6 +118,20 @@ def sample_scene(
     return Scene(scene_id, place_objects(rng, kinds, max_objects))
 
 
+def with_prior_partners(scene: Scene, rng: random.Random, rate: float, max_kinds: int = 6,
+                        max_objects: int = 6) -> Scene:
+    """``scene`` where each present kind's absent prior partner is added w.p. ``rate`` (while
+    ``max_kinds`` and ``max_objects`` allow), objects placed afresh: a scene that follows the prior."""
+    partners = vocab.prior_partners()
+    kinds = list(scene.kinds)
+    for kind in list(kinds):
+        if partners[kind] not in kinds and len(kinds) < min(max_kinds, max_objects) and rng.random() < rate:
+            kinds.append(partners[kind])
+    if len(kinds) == len(scene.kinds):
+        return scene
+    return Scene(scene.id, place_objects(rng, sorted(kinds), max_objects))
+
+
 # ---------------------------------------------------------------------------------------------
 # Rendering
 
