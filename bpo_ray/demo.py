@@ -33,8 +33,8 @@ VARIANTS: dict[str, tuple[str, list[str], tuple[str, ...]]] = {
 
 # The demo's sizes: small enough for one 2-core machine in under 20 minutes. Any of them can be
 # overridden with --set. The 1200 items are a seeded sample of the whole train split (988 images);
-# the first 1200 items would cover only 269. Every one of the 300 test captions is scored (the
-# first 150 alone gave the base model CHAIR_i 0.207, all 300 give 0.241).
+# the first 1200 items would cover only 269. Every one of the 300 test captions is scored (on the
+# default world, the first 150 alone gave the base model CHAIR_i 0.207, all 300 gave 0.241).
 #
 # The demo's world: training scenes that co-occur as the prior says (``train_partner_rate`` 0.9;
 # val/test scenes stay independent), one patch per grid cell (clear evidence) and a shorter
