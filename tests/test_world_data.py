@@ -128,7 +128,7 @@ def test_scenes_ignore_the_prior_while_the_corpus_obeys_it() -> None:
     assert abs(in_corpus["partner_given_kind"] - 0.9) < 0.03
 
 
-def test_train_partner_rate_makes_only_train_scenes_follow_the_prior(world_dir: Path, tmp_path: Path) -> None:
+def test_train_partner_rate_makes_only_train_scenes_follow_the_prior(tmp_path: Path) -> None:
     build_world(str(tmp_path), seed=3, n_scenes=400, corpus_lines=300, train_partner_rate=0.8)
     independent = tmp_path / "independent"
     build_world(str(independent), seed=3, n_scenes=400, corpus_lines=300)
