@@ -41,3 +41,13 @@ def test_malformed_override_and_unknown_config():
         load_config("tiny", ["train.beta"])
     with pytest.raises(ConfigError, match="named configs: .*tiny"):
         load_config("no-such-config")
+
+
+def test_demo_overrides_are_valid_and_cover_every_test_image():
+    from bpo_ray.demo import DEMO_OVERRIDES
+
+    cfg = load_config("tiny", DEMO_OVERRIDES)
+    assert cfg.world.train_partner_rate == 0.9
+    assert cfg.generate.sample_items == 1200
+    assert cfg.evaluate.max_items is None  # no benchmark is cut to its first N items
+    assert cfg.evaluate.pope.n_per_image == 1
