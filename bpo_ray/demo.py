@@ -37,7 +37,7 @@ VARIANTS: dict[str, tuple[str, list[str], tuple[str, ...]]] = {
 # captions (on the default world, the first 150 alone gave the base model CHAIR_i 0.207, all 300
 # gave 0.241) and one present + one absent POPE probe per image and split (600 a split). The
 # former cap of 300 probes a split asked about the first 50 images only: the base model's POPE F1
-# was 65.1 there against 68.4 over all 3x1266 probes (which cost 105 s per model, 1800 cost ~50).
+# was 65.1 there against 68.4 over all 3x1266 probes (105 s per model; the 1800 take ~60 s).
 #
 # The demo's world: training scenes that co-occur as the prior says (``train_partner_rate`` 0.9;
 # val/test scenes stay independent), one patch per grid cell (clear evidence) and a shorter
