@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import uuid
+from typing import Optional
 
+from bpo_ray import storage
 from bpo_ray.config.shared import RayConfig
 
 
@@ -20,3 +23,33 @@ def init_ray(cfg: RayConfig | None = None, **kwargs) -> None:
         ray.init(address=address, namespace=cfg.namespace, log_to_driver=True, **kwargs)
     else:
         ray.init(num_cpus=cfg.num_cpus, namespace=cfg.namespace, include_dashboard=False, **kwargs)
+
+
+def check_cluster_can_write(uri: str, runtime_env: Optional[dict] = None) -> None:
+    """Fail fast when the cluster's processes cannot write under a remote ``uri``.
+
+    The driver may hold credentials the nodes lack (bpo-ray never forwards credentials to
+    workers); without this check Ray Train would fail later, inside its controller, with a bare
+    ``ACCESS_DENIED``. One zero-CPU task writes and deletes a probe file. Local paths pass.
+    """
+    if not storage.is_remote(uri):
+        return
+    import ray
+
+    @ray.remote(num_cpus=0, max_retries=0)
+    def probe(target: str) -> Optional[str]:
+        try:
+            storage.write_text(target, "bpo-ray write check\n")
+            storage.delete(target)
+        except Exception as exc:  # any storage failure is reported to the driver as text
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+    target = storage.join(uri, f".bpo-ray-write-check-{uuid.uuid4().hex}")
+    task = probe.options(runtime_env=runtime_env) if runtime_env else probe
+    error = ray.get(task.remote(target))
+    if error:
+        raise storage.StorageError(
+            f"the Ray cluster's processes cannot write to {uri}: {error}. Give the nodes storage "
+            "credentials (instance profile / IAM role, or AWS_* variables in the nodes' environment); "
+            "bpo-ray does not forward the driver's credentials")

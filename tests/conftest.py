@@ -35,9 +35,13 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def ray_cluster(s3_server):
     """One local Ray cluster for the whole session (4 logical CPUs on 2 cores: headroom for
-    Ray Data reads beside fractional-CPU actors)."""
+    Ray Data reads beside fractional-CPU actors).
+
+    Started after the loopback S3 server, so the cluster's processes inherit its endpoint and
+    credentials from the environment, as a real cluster's nodes have theirs (instance profile or
+    node env); bpo-ray never forwards credentials through a runtime_env."""
     import ray
 
     if not ray.is_initialized():

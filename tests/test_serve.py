@@ -150,6 +150,74 @@ def test_concurrent_mixed_adapters_each_get_their_own_answer(stack):
     assert got == [expected[m] for m in models]
 
 
+def _running_replicas(app: str) -> int:
+    from ray import serve
+
+    status = serve.status().applications.get(app)
+    if status is None or "ModelServer" not in status.deployments:
+        return 0
+    return int(status.deployments["ModelServer"].replica_states.get("RUNNING", 0))
+
+
+def _wait_for_replicas(app: str, want: int, timeout_s: float) -> list[int]:
+    """Poll the app's RUNNING replica count until it is ``want``; return the counts seen."""
+    import time
+
+    seen, deadline = [], time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        seen.append(_running_replicas(app))
+        if seen[-1] == want:
+            break
+        time.sleep(0.5)
+    return seen
+
+
+def test_model_replicas_autoscale_from_config_under_load(stack):
+    """``serve.model.autoscaling`` drives Serve's real autoscaler: one replica at rest, a second one
+    while 6 clients keep more requests in flight than the target, back to one when they stop.
+    The delays are shortened from Ray's defaults (30 s up, 600 s down) so this takes seconds."""
+    import threading
+
+    from ray import serve
+
+    from bpo_ray.config.serve import AutoscalingConfig
+    from bpo_ray.serving.apps import model_application
+
+    cfg = stack.cfg.model_copy(deep=True)
+    cfg.serve.model.route_prefix = "/scaling/v1"
+    cfg.serve.model.num_cpus = 0.25
+    cfg.serve.model.max_batch_size = 1  # requests queue on the replica instead of sharing one generate
+    cfg.serve.model.autoscaling = AutoscalingConfig(min_replicas=1, max_replicas=2, target_ongoing_requests=1,
+                                                    upscale_delay_s=0, downscale_delay_s=1, look_back_period_s=1)
+    serve.run(model_application(cfg), name="scaling", route_prefix="/scaling/v1")
+    try:
+        assert _running_replicas("scaling") == 1
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{stack.port}/scaling/v1", api_key="unused",
+                               max_retries=0, timeout=60)
+        expected = ask(client, "base")
+        stop, answers = threading.Event(), []
+
+        def load() -> None:
+            while not stop.is_set():
+                answers.append(ask(client, "base"))
+
+        threads = [threading.Thread(target=load) for _ in range(6)]
+        for t in threads:
+            t.start()
+        try:
+            under_load = _wait_for_replicas("scaling", 2, timeout_s=90)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        assert under_load[-1] == 2, f"never scaled up under load: replica counts seen {under_load}"
+        assert answers and set(answers) == {expected}  # every answer, on either replica, is the same greedy text
+        at_rest = _wait_for_replicas("scaling", 1, timeout_s=90)
+        assert at_rest[-1] == 1, f"never scaled back down: replica counts seen {at_rest}"
+    finally:
+        serve.delete("scaling")
+
+
 def _png_bytes(size: int) -> bytes:
     buf = io.BytesIO()
     random_image(1, size).save(buf, format="PNG")

@@ -126,6 +126,40 @@ def test_zero2_dpo_learns_and_resumes_when_submitted_again(zero2_run):
     assert dropped == {"prompt_too_long": ["too-long-prompt"]}
 
 
+def test_pairs_checkpoints_and_adapter_on_s3_resume_when_submitted_again(ray_cluster, tiny_models, reference_pairs,
+                                                                        s3_server, tmp_path):
+    """Everything on the loopback S3 server: the workers read the pairs from s3://, Ray Train writes
+    its checkpoints there, and the same job submitted again resumes from the S3 checkpoint."""
+    from bpo_ray.train.export import load_with_adapter
+    from bpo_ray.train.loop import CHECKPOINTS_DIR
+
+    pairs_uri = storage.join(s3_server["root"], "train-s3", "pairs-in")
+    storage.upload_dir(reference_pairs, pairs_uri)
+    out = storage.join(s3_server["root"], "train-s3", "out")
+    first = run_training(_cfg(tiny_models, "train.zero_stage=2", "train.max_steps=3"), pairs_uri, out)
+    checkpoints = storage.list_files(storage.join(out, CHECKPOINTS_DIR))
+    assert first.steps == 3 and checkpoints, "the step-3 checkpoint is on S3"
+    second = run_training(_cfg(tiny_models, "train.zero_stage=2"), pairs_uri, out)
+    assert second.steps == 6 and second.reference == "precomputed"
+    attempts = _records_by_attempt(out)
+    assert [a[0]["resumed_from_step"] for a in attempts] == [None, 3]
+    assert [r["step"] for r in attempts[1][1:]] == [4, 5, 6]  # continues from the S3 checkpoint
+    assert attempts[1][1]["samples_seen"] == 4 * 8
+    assert second.adapter.startswith("s3://") and storage.exists(storage.join(out, "adapter", "adapter_config.json"))
+    assert storage.exists(storage.join(out, "logps.png"))
+    model, _ = load_with_adapter(tiny_models["mllm"], second.adapter, cache_dir=str(tmp_path / "cache"))
+    assert any("lora_" in name for name, _ in model.named_parameters())
+
+
+def test_out_the_cluster_cannot_write_fails_fast_with_a_clear_error(ray_cluster, tiny_models, reference_pairs,
+                                                                     s3_server):
+    """An output URI the workers cannot write (here a bucket that does not exist) is refused before
+    Ray Train starts, naming the URI, instead of failing inside the train controller."""
+    out = "s3://no-such-bucket-bpo/out"
+    with pytest.raises(storage.StorageError, match="cluster's processes cannot write to s3://no-such-bucket-bpo/out"):
+        run_training(_cfg(tiny_models, "train.zero_stage=2", "train.max_steps=1"), reference_pairs, out)
+
+
 def test_zero3_worker_killed_resumes_from_checkpoint(zero3_run, zero2_run):
     out = zero3_run["out"]
     assert os.path.exists(os.path.join(out, ".injected-failure-step-5"))

@@ -13,9 +13,19 @@ ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 class AutoscalingConfig(StrictModel):
+    """Ray Serve's ``autoscaling_config`` for the model deployment (the fields passed through as is).
+
+    Serve adds a replica when the ongoing requests per replica, averaged over
+    ``look_back_period_s``, stay above ``target_ongoing_requests`` for ``upscale_delay_s``, and
+    removes one after ``downscale_delay_s`` below it. The delays default to Ray's own.
+    """
+
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
     target_ongoing_requests: float = Field(4, gt=0)
+    upscale_delay_s: float = Field(30.0, ge=0, description="load above target this long adds replicas")
+    downscale_delay_s: float = Field(600.0, ge=0, description="load below target this long removes replicas")
+    look_back_period_s: float = Field(30.0, gt=0, description="window the ongoing-request count is averaged over")
 
     @model_validator(mode="after")
     def _min_le_max(self) -> "AutoscalingConfig":

@@ -103,7 +103,7 @@ def run_training(cfg: BPOConfig, pairs_uri: str, out_uri: str) -> TrainResult:
     from transformers import AutoProcessor
 
     from bpo_ray.models.loading import resolve_model_path
-    from bpo_ray.raycluster import init_ray
+    from bpo_ray.raycluster import check_cluster_can_write, init_ray
 
     started = time.perf_counter()
     train, models = cfg.train, cfg.models
@@ -121,6 +121,8 @@ def run_training(cfg: BPOConfig, pairs_uri: str, out_uri: str) -> TrainResult:
 
     validated_s = time.perf_counter() - started
     init_ray(cfg.ray)
+    run_config = _run_config(train, out_uri)
+    check_cluster_can_write(out_uri, run_config.worker_runtime_env)
     config = {
         "train": train.model_dump(mode="json"),
         "models": models.model_dump(mode="json"),
@@ -133,7 +135,7 @@ def run_training(cfg: BPOConfig, pairs_uri: str, out_uri: str) -> TrainResult:
         train_loop_per_worker,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu),
-        run_config=_run_config(train, out_uri),
+        run_config=run_config,
     )
     fit_started = time.perf_counter()
     result = trainer.fit()
