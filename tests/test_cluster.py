@@ -652,6 +652,9 @@ def test_training_continues_from_its_checkpoint_after_losing_a_node(trained_thro
     after = _steps(records[records.index(restart):])
     assert after[0] == resumed + 1, "the restarted run did not continue from the checkpoint"
     assert max(after) == TRAIN_MAX_STEPS > run["step_at_kill"], "step counter did not go past the kill"
+    print(f"node loss: world size {starts[0]['world_size']} on 2 nodes, worker node killed at step "
+          f"{run['step_at_kill']}, restarted at world size {restart['world_size']} from the step-{resumed} "
+          f"checkpoint, steps {after[0]}..{max(after)}, status {run['status']}")
     out = run["out"]
     assert (out / "adapter" / "adapter_model.safetensors").exists() and (out / "manifest.json").exists()
 
