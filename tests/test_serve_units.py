@@ -121,3 +121,72 @@ def test_serve_config_validates_adapter_names_and_replicas():
     with pytest.raises(ConfigError, match="min_replicas 3 > max_replicas 1"):
         load_config("tiny", ["serve.model.autoscaling.min_replicas=3"])
 
+
+
+def _serve_files(files: dict[str, bytes]):
+    """A real HTTP server on loopback serving ``files`` by path (404 otherwise)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            body = files.get(self.path)
+            self.send_response(200 if body is not None else 404)
+            self.send_header("Content-Length", str(len(body or b"")))
+            self.end_headers()
+            self.wfile.write(body or b"")
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_remote_image_urls_load_only_where_configured(s3_server):
+    """``serve.model.allow_remote_images``: http(s):// and s3:// image URLs decode to the same pixels
+    as the data URL; missing or oversized remote images are 400s; off (the default), they are refused."""
+    import asyncio
+    import io
+
+    import numpy as np
+
+    from bpo_ray import storage
+    from bpo_ray.serving.chat_input import ChatValidator, ModelLimits
+    from serve_support import data_url, random_image
+
+    buf = io.BytesIO()
+    random_image(4, 32).save(buf, format="PNG")
+    png = buf.getvalue()
+    storage.write_bytes(f"{s3_server['root']}/serve-images/cat.png", png)
+    server = _serve_files({"/cat.png": png, "/big.png": png + b"\0" * 4096})
+    http = f"http://127.0.0.1:{server.server_address[1]}"
+
+    def validator(allow: bool, max_bytes: int = 4096) -> ChatValidator:
+        limits = ModelLimits(max_tokens=16, max_prompt_tokens=200, context_length=512, image_seq_length=16,
+                             max_image_bytes=max_bytes, allow_remote_images=allow, remote_image_timeout_s=5)
+        return ChatValidator(None, limits, "base", [])
+
+    def load(v: ChatValidator, url: str) -> np.ndarray:
+        return asyncio.run(v.load_image(url))
+
+    try:
+        on, off = validator(True), validator(False)
+        want = load(off, data_url(random_image(4, 32)))
+        assert want.shape == (32, 32, 3)
+        assert np.array_equal(load(on, f"{http}/cat.png"), want)
+        assert np.array_equal(load(on, f"{s3_server['root']}/serve-images/cat.png"), want)
+        for v, url, code in [
+            (on, f"{http}/missing.png", "missing_image"),
+            (on, f"{http}/big.png", "image_too_large"),
+            (on, f"{s3_server['root']}/serve-images/missing.png", "missing_image"),
+            (on, "ftp://127.0.0.1/cat.png", "bad_image_url"),
+            (off, f"{http}/cat.png", "bad_image_url"),
+            (off, f"{s3_server['root']}/serve-images/cat.png", "bad_image_url"),
+        ]:
+            with pytest.raises(APIError) as err:
+                load(v, url)
+            assert (err.value.status, err.value.code) == (400, code), url
+    finally:
+        server.shutdown()
