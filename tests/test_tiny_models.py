@@ -52,3 +52,33 @@ def test_vllm_and_transformers_greedy_text_identical(tiny_models):
                        SamplingParams(temperature=0, max_tokens=16))
     assert res[0].outputs[0].text == hf_text
     assert len(hf_text) > 0
+
+
+def test_models_load_from_s3_through_the_same_loaders(tiny_models, s3_server, tmp_path):
+    """``load_mllm`` / ``load_text_lm`` take an s3:// URI (the loopback S3 server) as they take a local
+    dir: the tree is downloaded once into the cache and gives the same weights and outputs."""
+    import torch
+
+    from bpo_ray import storage
+    from bpo_ray.models.loading import resolve_model_path
+
+    cache = str(tmp_path / "cache")
+    uris = {}
+    for name in ("mllm", "text_llm"):
+        uris[name] = storage.join(s3_server["root"], "models", name)
+        storage.upload_dir(tiny_models[name], uris[name])
+    remote, remote_proc = load_mllm(uris["mllm"], device="cpu", cache_dir=cache)
+    local, _ = load_mllm(tiny_models["mllm"], device="cpu")
+    inputs = remote_proc(images=Image.new("RGB", (32, 32), (10, 200, 30)),
+                         text=build_prompt("What is in the image?"), return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(remote(**inputs).logits, local(**inputs).logits)
+    text_remote, tok = load_text_lm(uris["text_llm"], device="cpu", cache_dir=cache)
+    text_local, _ = load_text_lm(tiny_models["text_llm"], device="cpu")
+    ids = tok("a red cube", return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(text_remote(**ids).logits, text_local(**ids).logits)
+    cached = resolve_model_path(uris["mllm"], cache)
+    assert cached.startswith(cache) and Path(cached, ".complete").exists()
+    storage.delete(storage.join(uris["mllm"], "config.json"))  # a second load reads the cache, not S3
+    assert resolve_model_path(uris["mllm"], cache) == cached
