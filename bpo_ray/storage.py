@@ -8,7 +8,10 @@ from configs or files in the repo.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Iterator, Optional
 from urllib.parse import urlparse
@@ -143,23 +146,51 @@ def upload_dir(local_dir: str | Path, uri: str) -> None:
             write_bytes(join(uri, str(p.relative_to(local_dir))), p.read_bytes())
 
 
+def _tree_listing(uri: str) -> list[tuple[str, int, int]]:
+    """``(relative path, size, mtime ns)`` of every file under ``uri``, sorted (one listing call)."""
+    fs, path = filesystem(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    return sorted((i.path[len(path):].lstrip("/"), int(i.size or 0), int(i.mtime_ns or 0))
+                  for i in infos if i.type == pafs.FileType.File)
+
+
 def localize(uri: str, cache_dir: str = "~/.cache/bpo-ray/models") -> str:
     """A local directory holding ``uri``'s files: the path itself if local, else a cached copy.
 
-    Remote trees are downloaded once into ``cache_dir/<hash of uri>``; a ``.complete`` marker
-    makes an interrupted download start over instead of being used half-written.
+    Remote trees are downloaded into ``cache_dir/<hash of uri>``. The cache is keyed on the tree's
+    listing too (path, size, modification time of every file, kept in the ``.complete`` marker), so
+    a tree rewritten at the same URI (a second training run to the same ``--out``) is downloaded
+    again rather than served stale. A download goes to a temporary directory that replaces the
+    cached one only when complete, so an interrupted or concurrent download never leaves a
+    half-written tree in use.
     """
     if not is_remote(uri):
         return str(Path(os.path.expanduser(uri[7:] if uri.startswith("file://") else uri)))
     dest = Path(os.path.expanduser(cache_dir)) / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    if (dest / ".complete").exists():
-        return str(dest)
-    files = list_files(uri)
-    if not files:
+    listing = _tree_listing(uri)
+    if not listing:
         raise StorageError(f"{uri}: nothing there to download")
-    for f in files:
-        target = dest / f[len(uri.rstrip("/")) + 1:]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(read_bytes(f))
-    (dest / ".complete").write_text(uri)
+    stamp = json.dumps({"uri": uri, "files": listing})
+    marker = dest / ".complete"
+    if marker.exists() and marker.read_text() == stamp:
+        return str(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".partial-", dir=dest.parent))
+    try:
+        for rel, _, _ in listing:
+            target = tmp / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(read_bytes(join(uri, rel)))
+        (tmp / ".complete").write_text(stamp)
+        if marker.exists() and marker.read_text() == stamp:  # another process on this node finished first
+            return str(dest)
+        if dest.exists():  # a stale tree of this URI
+            shutil.rmtree(dest, ignore_errors=True)
+        try:
+            os.rename(tmp, dest)
+        except OSError:  # another process put the same tree there first
+            if not (marker.exists() and marker.read_text() == stamp):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return str(dest)

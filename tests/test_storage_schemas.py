@@ -44,6 +44,31 @@ def test_bytes_round_trip_and_listing(root):
         storage.read_bytes(storage.join(root, "a/b.bin"), max_bytes=1)
 
 
+def test_localize_caches_a_remote_tree_and_refetches_it_when_rewritten(s3_server, tmp_path):
+    """A remote tree is downloaded once; rewritten at the same URI (same sizes, a later second), or
+    with a file removed, it is downloaded again instead of served stale; no partial dirs remain."""
+    import time
+    from pathlib import Path
+
+    uri = storage.join(s3_server["root"], "localize-tree")
+    cache = str(tmp_path / "cache")
+    storage.write_bytes(storage.join(uri, "adapter.bin"), b"AAAA")
+    storage.write_bytes(storage.join(uri, "sub/config.json"), b"{}")
+    first = Path(storage.localize(uri, cache))
+    assert (first / "adapter.bin").read_bytes() == b"AAAA" and (first / "sub/config.json").read_bytes() == b"{}"
+    marker = (first / ".complete").stat().st_mtime_ns
+    assert Path(storage.localize(uri, cache)) == first and (first / ".complete").stat().st_mtime_ns == marker
+    time.sleep(1.1)  # S3 modification times have one-second resolution
+    storage.write_bytes(storage.join(uri, "adapter.bin"), b"BBBB")  # a second run, same shapes
+    assert (Path(storage.localize(uri, cache)) / "adapter.bin").read_bytes() == b"BBBB"
+    storage.delete(storage.join(uri, "sub/config.json"))
+    again = Path(storage.localize(uri, cache))
+    assert not (again / "sub/config.json").exists() and (again / "adapter.bin").read_bytes() == b"BBBB"
+    assert sorted(p.name for p in Path(cache).iterdir()) == [again.name]  # no .partial-* left behind
+    with pytest.raises(storage.StorageError, match="nothing there"):
+        storage.localize(storage.join(s3_server["root"], "no-such-tree"), cache)
+
+
 def test_pairs_write_read_round_trip(root):
     table = pairs_table([_pair(i) for i in range(5)] + [_pair(9, noise_step=None, strategy="error_injection")])
     uri = storage.join(root, "pairs/part-0.parquet")
