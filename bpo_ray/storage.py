@@ -111,6 +111,12 @@ def write_text(uri: str, text: str) -> None:
     write_bytes(uri, text.encode("utf-8"))
 
 
+def _files_below(fs: pafs.FileSystem, path: str, recursive: bool = True) -> list[tuple[str, pafs.FileInfo]]:
+    """``(path relative to path, info)`` of every file below the directory ``path``, sorted; [] if none."""
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=recursive, allow_not_found=True))
+    return sorted((i.path[len(path):].lstrip("/"), i) for i in infos if i.type == pafs.FileType.File)
+
+
 def list_files(uri: str, suffix: str = "", recursive: bool = True) -> list[str]:
     """URIs of the files under ``uri`` (sorted), keeping the caller's scheme."""
     fs, path = filesystem(uri)
@@ -119,9 +125,7 @@ def list_files(uri: str, suffix: str = "", recursive: bool = True) -> list[str]:
         return []
     if info.type == pafs.FileType.File:
         return [uri] if uri.endswith(suffix) else []
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=recursive))
-    rel = sorted(i.path[len(path):].lstrip("/") for i in infos if i.type == pafs.FileType.File)
-    return [join(uri, r) for r in rel if r.endswith(suffix)]
+    return [join(uri, rel) for rel, _ in _files_below(fs, path, recursive) if rel.endswith(suffix)]
 
 
 def delete(uri: str) -> None:
@@ -146,14 +150,6 @@ def upload_dir(local_dir: str | Path, uri: str) -> None:
             write_bytes(join(uri, str(p.relative_to(local_dir))), p.read_bytes())
 
 
-def _tree_listing(uri: str) -> list[tuple[str, int, int]]:
-    """``(relative path, size, mtime ns)`` of every file under ``uri``, sorted (one listing call)."""
-    fs, path = filesystem(uri)
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-    return sorted((i.path[len(path):].lstrip("/"), int(i.size or 0), int(i.mtime_ns or 0))
-                  for i in infos if i.type == pafs.FileType.File)
-
-
 def localize(uri: str, cache_dir: str = "~/.cache/bpo-ray/models") -> str:
     """A local directory holding ``uri``'s files: the path itself if local, else a cached copy.
 
@@ -167,12 +163,16 @@ def localize(uri: str, cache_dir: str = "~/.cache/bpo-ray/models") -> str:
     if not is_remote(uri):
         return str(Path(os.path.expanduser(uri[7:] if uri.startswith("file://") else uri)))
     dest = Path(os.path.expanduser(cache_dir)) / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    listing = _tree_listing(uri)
+    listing = [(rel, int(i.size or 0), int(i.mtime_ns or 0)) for rel, i in _files_below(*filesystem(uri))]
     if not listing:
         raise StorageError(f"{uri}: nothing there to download")
     stamp = json.dumps({"uri": uri, "files": listing})
     marker = dest / ".complete"
-    if marker.exists() and marker.read_text() == stamp:
+
+    def cached() -> bool:
+        return marker.exists() and marker.read_text() == stamp
+
+    if cached():
         return str(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".partial-", dir=dest.parent))
@@ -182,14 +182,14 @@ def localize(uri: str, cache_dir: str = "~/.cache/bpo-ray/models") -> str:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(read_bytes(join(uri, rel)))
         (tmp / ".complete").write_text(stamp)
-        if marker.exists() and marker.read_text() == stamp:  # another process on this node finished first
+        if cached():  # another process on this node finished first
             return str(dest)
         if dest.exists():  # a stale tree of this URI
             shutil.rmtree(dest, ignore_errors=True)
         try:
             os.rename(tmp, dest)
         except OSError:  # another process put the same tree there first
-            if not (marker.exists() and marker.read_text() == stamp):
+            if not cached():
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

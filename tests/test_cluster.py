@@ -24,7 +24,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,18 +35,14 @@ from typing import Optional, Sequence
 
 import pytest
 
+from conftest import free_port, wait_for
+
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 RAY = str(VENV_BIN / "ray")
 RUNTIME_ENV = "cluster/runtime_env.yaml"
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _session_pids(sid: int) -> list[int]:
@@ -78,8 +73,8 @@ class RayNode:
         self.proc: Optional[subprocess.Popen] = None
 
     def start(self) -> "RayNode":
-        ports = [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-                 f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+        ports = [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                 f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
                  "--min-worker-port=0", "--max-worker-port=0"]
         cmd = [RAY, "start", "--block", "--disable-usage-stats", f"--temp-dir={self.temp_dir}", *ports, *self.args]
         log = open(self.log_path, "ab")
@@ -145,7 +140,7 @@ class TwoNodeCluster:
     def __init__(self, root: Path, cpus_per_node: int = 2):
         self.root = root
         self.cpus = cpus_per_node
-        self.gcs_port, self.dashboard_port = _free_port(), _free_port()
+        self.gcs_port, self.dashboard_port = free_port(), free_port()
         self.env = dict(os.environ)
         self.env.update({
             "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -162,7 +157,7 @@ class TwoNodeCluster:
         self.head = RayNode("head", [
             "--head", f"--port={self.gcs_port}", f"--num-cpus={self.cpus}", "--num-gpus=0",
             '--resources={"head": 1}', "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={_free_port()}",
+            f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={free_port()}",
             # A lost node is declared dead after ~5 missed 1 s health checks (default ~15 s+).
             '--system-config={"health_check_period_ms": 1000, "health_check_failure_threshold": 5}',
         ], root / "h", self.env, root)
@@ -350,16 +345,6 @@ def _ok(result: subprocess.CompletedProcess) -> str:
 
 
 
-def _wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.5):
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll_s)
-    raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}")
-
-
 def _metrics(out: Path) -> list[dict]:
     path = out / "metrics.jsonl"
     if not path.exists():
@@ -455,7 +440,7 @@ def generated(cluster, world, models, work) -> dict:
     assert result.returncode == 0, result.stdout + result.stderr
     job_hex = cluster.ray_job_id(job)
     sampler = "ImageWeakenedSampler"
-    before = _wait_for(lambda: cluster.actors(job_hex, sampler), 300, "the sampler pool to start", 1.0)
+    before = wait_for(lambda: cluster.actors(job_hex, sampler), 300, "the sampler pool to start", 1.0)
     head_id = cluster.node_id_with("head")
     assert {a["node_id"] for a in before} == {head_id}
     t_first = time.time()
@@ -506,7 +491,7 @@ def trained_through_node_loss(cluster, referenced, models, work) -> dict:
     ], wait=False)
     assert result.returncode == 0, result.stdout + result.stderr
     job_hex = cluster.ray_job_id(job)
-    workers = _wait_for(lambda: (w := cluster.actors(job_hex, "RayTrainWorker")) and len(w) == 4 and w,
+    workers = wait_for(lambda: (w := cluster.actors(job_hex, "RayTrainWorker")) and len(w) == 4 and w,
                         300, "4 training workers")
     nodes_before = {w["node_id"] for w in workers}
 
@@ -515,7 +500,7 @@ def trained_through_node_loss(cluster, referenced, models, work) -> dict:
         steps = _steps(_metrics(out))
         return bool(ckpts) and bool(steps) and max(steps) >= 4
 
-    _wait_for(past_a_checkpoint, 300, "a checkpoint and a step past it", 0.2)
+    wait_for(past_a_checkpoint, 300, "a checkpoint and a step past it", 0.2)
     step_at_kill = max(_steps(_metrics(out)))
     assert step_at_kill < TRAIN_MAX_STEPS, "training finished before the node could be killed"
     cluster.worker.kill()
@@ -530,7 +515,7 @@ def served(cluster, trained_through_node_loss, models, work) -> dict:
     import yaml
 
     config = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
-    port = _free_port()
+    port = free_port()
     config["http_options"]["port"] = port
     for app in config["applications"]:
         app["args"]["overrides"] = [f"models.mllm={models['mllm']}",
@@ -552,7 +537,7 @@ def served(cluster, trained_through_node_loss, models, work) -> dict:
         assert not failed, shown.stdout
         return len(apps) == 2 and all(v["status"] == "RUNNING" for v in apps.values()) and apps
 
-    apps = _wait_for(all_running, 300, "both Serve applications RUNNING", 2.0)
+    apps = wait_for(all_running, 300, "both Serve applications RUNNING", 2.0)
     yield {"url": f"http://127.0.0.1:{port}", "apps": apps}
     subprocess.run([serve, "shutdown", "-y", "-a", cluster.dashboard_url], cwd=REPO, env=cluster.env,
                    capture_output=True, text=True, timeout=120)

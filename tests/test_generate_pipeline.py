@@ -28,6 +28,7 @@ from bpo_ray.generate.seeds import noise_seed
 from bpo_ray.generate.shards import ShardStore
 from bpo_ray.generate.sources import read_source
 from bpo_ray.schemas import PAIR_SCHEMA, QUARANTINE_SCHEMA, read_manifest, read_parquet
+from conftest import wait_for
 from test_generate_units import JudgeServer, write_bad_source
 
 pytestmark = pytest.mark.slow
@@ -162,15 +163,6 @@ def test_s3_vllm_backends_agree_with_transformers(ray_cluster, tiny_models, worl
     assert {k: v for k, v in vllm.items() if k[0] in shared} == hf
 
 
-def _wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_killed_job_resumes_without_duplicates_or_losses(ray_cluster, tiny_models, world, tmp_path):
     """A job killed mid-run (SIGKILL of its driver) and started again with the same --out ends
     with every item accounted for exactly once; finished shards are not redone."""
@@ -189,7 +181,7 @@ def test_killed_job_resumes_without_duplicates_or_losses(ray_cluster, tiny_model
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     store = ShardStore(out)
     try:
-        _wait_for(lambda: len(store.done_shards()) >= 1 or proc.poll() is not None, 240, "a committed shard")
+        wait_for(lambda: len(store.done_shards()) >= 1 or proc.poll() is not None, 240, "a committed shard", 0.05)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -236,7 +228,7 @@ def test_killed_actor_is_replaced_and_the_job_completes(ray_cluster, tiny_models
     runner.start()
     store = ShardStore(out)
     # ALIVE means the actor's constructor (model load) has finished: it is now taking batches.
-    _wait_for(lambda: _sampler_actors("ALIVE") or not runner.is_alive(), 240, "the sampler actor")
+    wait_for(lambda: _sampler_actors("ALIVE") or not runner.is_alive(), 240, "the sampler actor", 0.05)
     time.sleep(1.0)
     alive = _sampler_actors("ALIVE")
     assert runner.is_alive() and len(alive) == 1, "the job finished before the actor could be killed"
