@@ -40,6 +40,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"bpo-ray: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module_name = COMMANDS[name][0]
+    pin_numerics_early(rest)
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
@@ -48,6 +49,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
         raise
     return int(module.main(rest) or 0)
+
+
+def pin_numerics_early(argv: Sequence[str]) -> None:
+    """Pin the config's CPU kernels (``numerics.cpu_isa``) before the stage imports torch.
+
+    The stage parses its config again (and reports a bad one); this pass only needs
+    ``--config`` and ``--set`` and stays silent on anything it cannot read.
+    """
+    from bpo_ray import numerics
+    from bpo_ray.config import ConfigError, load_config
+
+    parser = argparse.ArgumentParser(add_help=False)
+    add_config_args(parser)
+    try:
+        args, _ = parser.parse_known_args(list(argv))
+        cfg = load_config(args.config, args.overrides)
+    except (ConfigError, SystemExit, OSError, ValueError):
+        return
+    numerics.pin(cfg.numerics.cpu_isa)
 
 
 def add_config_args(parser: argparse.ArgumentParser, default: str = "tiny") -> None:

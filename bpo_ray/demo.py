@@ -1,9 +1,13 @@
 """``bpo-ray demo``: every stage end to end on the embedded default, on a local Ray cluster.
 
 From an empty directory to a report: world build (data + base model), generate (image-weakened
-and error-injected negatives), reference log-probs, train (BPO with both strategies, with each
-alone, with a chosen-NLL term, and the SFT baseline), serve (base + every adapter by name, and the judge proxy),
+and error-injected negatives), reference log-probs, train (the BPO recipe, plain DPO, the
+no-weakening ablation and the SFT baseline), serve (base + every adapter by name, and the judge proxy),
 evaluate (CHAIR and POPE on the bias world's test split) and the comparison report.
+
+The demo is one draw (one world seed, one training seed); ``bench/science.py`` runs it over
+several seeds and prints mean ± sd. Every process pins its CPU kernels (``numerics`` in the tiny
+config), so two runs print the same report, on AVX2 and AVX-512 CPUs alike.
 
 Each stage is submitted to a real local Ray cluster (``ray start --head``) through Ray's Job
 Submission API with the same ``jobs/<stage>.py`` entrypoint ``ray job submit`` runs on a cluster.
@@ -19,15 +23,23 @@ from typing import Sequence
 
 from bpo_ray.localcluster import LocalCluster, free_port, submit_and_wait
 
-# name -> (train.mode, strategies used, extra train overrides)
+BOTH = ["image_weakened", "error_injection"]
+#: The diffusion step of the image-weakened negatives (the paper's reference code uses 500-900).
+NOISE_STEP = 500
+
+# name -> (train.mode, strategies used, extra train overrides). Every variant trains on pairs from
+# the same generate run, which samples image-weakened negatives at step 0 and NOISE_STEP.
 VARIANTS: dict[str, tuple[str, list[str], tuple[str, ...]]] = {
-    "bpo": ("dpo", ["image_weakened", "error_injection"], ()),
-    "bpo_image_weakened": ("dpo", ["image_weakened"], ()),
-    "bpo_error_injection": ("dpo", ["error_injection"], ()),
-    # DPO + NLL on the chosen answer (TRL's rpo_alpha): plain DPO lowers the ground truth's
-    # log-prob too (by ~7 nats here), which degrades the captions; see docs/world.md.
-    "bpo_sft_weight": ("dpo", ["image_weakened", "error_injection"], ("train.sft_weight=1.0",)),
-    "sft": ("sft", ["image_weakened", "error_injection"], ()),
+    # The project's BPO recipe: the paper's pairs (both strategies), DPO (Eq. 4) plus an NLL
+    # anchor on the chosen answer (TRL's rpo_alpha). Plain DPO lowers the ground truth's
+    # log-prob as well and can wreck the captions (docs/world.md, docs/science.md).
+    "bpo": ("dpo", BOTH, ("train.sft_weight=1.0", f"train.noise_steps=[{NOISE_STEP}]")),
+    # The paper's loss alone (Eq. 4, no anchor), same pairs.
+    "bpo_plain_dpo": ("dpo", BOTH, (f"train.noise_steps=[{NOISE_STEP}]",)),
+    # Table 5's ablation: self-generated negatives without weakening (noise step 0), same recipe.
+    "bpo_no_weakening": ("dpo", BOTH, ("train.sft_weight=1.0", "train.noise_steps=[0]")),
+    # SFT on the chosen answers of the same pairs (the paper's Table 4 baseline).
+    "sft": ("sft", BOTH, (f"train.noise_steps=[{NOISE_STEP}]",)),
 }
 
 
@@ -49,6 +61,7 @@ DEMO_OVERRIDES: tuple[str, ...] = (
     "world.base_model.patch_size=16",
     "world.base_model.align_steps=800",
     "generate.sample_items=1200",
+    f"generate.sampler.noise.steps=[0,{NOISE_STEP}]",
     "train.epochs=1",
     "evaluate.pope.n_per_image=1",
 )

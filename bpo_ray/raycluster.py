@@ -6,8 +6,29 @@ import os
 import uuid
 from typing import Optional
 
-from bpo_ray import storage
-from bpo_ray.config.shared import RayConfig
+from bpo_ray import numerics, storage
+from bpo_ray.config.shared import NumericsConfig, RayConfig
+
+#: Non-secret storage settings forwarded to workers; credentials come from the nodes themselves.
+STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+
+
+def worker_env(numerics_cfg: Optional[NumericsConfig] = None) -> dict[str, str]:
+    """Environment of every Ray worker a stage starts: the driver's non-secret S3 settings
+    (endpoint, region) and the kernel pinning of ``numerics`` (``bpo_ray.numerics``).
+
+    Credentials are never forwarded (a runtime_env is stored in the cluster's GCS and shown by
+    the dashboard); workers get them from their node (instance profile / node environment).
+    """
+    env = {k: os.environ[k] for k in STORAGE_ENV if os.environ.get(k)}
+    env.update(numerics.env_vars((numerics_cfg or NumericsConfig()).cpu_isa))
+    return env
+
+
+def worker_runtime_env(numerics_cfg: Optional[NumericsConfig] = None, **extra: str) -> Optional[dict]:
+    """``worker_env`` (plus ``extra`` variables) as a Ray ``runtime_env``; None when empty."""
+    env = {**worker_env(numerics_cfg), **extra}
+    return {"env_vars": env} if env else None
 
 
 def init_ray(cfg: RayConfig | None = None, **kwargs) -> None:

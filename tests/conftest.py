@@ -19,6 +19,11 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The embedded default's portable numerics (configs/tiny.yaml: numerics.cpu_isa avx2), set before
+# torch is imported: this process, the session's Ray cluster and its workers all run AVX2 kernels.
+from bpo_ray import numerics  # noqa: E402  (imports no torch)
+
+numerics.pin("avx2")
 
 
 def free_port() -> int:

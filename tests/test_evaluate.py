@@ -512,3 +512,19 @@ def test_official_judge_prompts_can_be_supplied_from_files(tmp_path):
     assert "[System]\nOFFICIAL RULE TEXT" in lb
     default = judge_protocols(load_config("tiny", ["evaluate.benchmarks=[mmvet]"]))["mmvet"].build(row, 0)
     assert "OFFICIAL" not in default.messages[-1]["content"]
+
+
+def test_world_pope_probes_do_not_depend_on_where_the_world_lies(small_world, tmp_path):
+    """Probes are drawn per image from a seed that names the image: the path inside the world,
+    not the absolute one, or two runs with different output folders ask different questions."""
+    import shutil
+
+    from bpo_ray.config.evaluate import PopeSettings
+
+    moved = tmp_path / "elsewhere" / "world"
+    shutil.copytree(small_world, moved)
+    asked = [(i.id, i.question, i.meta["label"], Path(i.image).relative_to(small_world))
+             for i in pope.load_world(str(small_world), PopeSettings(n_per_image=1), None).items]
+    again = [(i.id, i.question, i.meta["label"], Path(i.image).relative_to(moved))
+             for i in pope.load_world(str(moved), PopeSettings(n_per_image=1), None).items]
+    assert asked == again and len(asked) > 10

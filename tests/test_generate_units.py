@@ -458,3 +458,41 @@ def test_cli_reports_a_missing_source_clearly(tmp_path, capsys):
     code = main(["--config", "tiny", "--source", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")])
     assert code == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_generation_groups_make_sampled_negatives_independent_of_batch_bundling(tiny_models):
+    """Ray Data may hand an actor any bundle of blocks; each generation group is generated as one
+    batch, so a group's sampled rewrites are the same alone, together with another group, or in
+    another order (without groups, the batch's seed and padding would follow the bundle)."""
+    import numpy as np
+
+    from bpo_ray.generate.error_injection import COLUMN, ErrorInjector
+
+    answers = ["There is a red cup on the left.", "Two.", "There are two blue dogs, at the top and on the right.",
+               "Yes.", "Green.", "There is a yellow key in the center."]
+    injector = ErrorInjector(tiny_models["text_llm"], {"max_new_tokens": 12, "temperature": 0.8, "top_p": 0.95}, seed=3)
+
+    def run(rows: list[int]) -> dict[str, str]:
+        batch = {"order": np.array(rows), "item_id": np.array([f"r{i}#0" for i in rows], dtype=object),
+                 "status": np.array(["ok"] * len(rows), dtype=object), "group": np.array([i // 3 for i in rows]),
+                 "question": np.array(["Describe the image."] * len(rows), dtype=object),
+                 "answer": np.array([answers[i] for i in rows], dtype=object)}
+        out = injector(batch)
+        return {f"r{i}": out[COLUMN][k] for k, i in enumerate(rows)}
+
+    together = run([0, 1, 2, 3, 4, 5])
+    assert run([0, 1, 2]) | run([3, 4, 5]) == together
+    assert run([3, 4, 5, 0, 1, 2]) == together
+
+
+def test_group_blocks_cut_each_shard_into_fixed_groups():
+    from bpo_ray.generate.pipeline import group_blocks
+
+    items = [{"order": i, "shard": i // 10, "item_id": f"x{i}"} for i in range(25)]
+    blocks = group_blocks(items, shard_size=10, group_size=4)
+    assert [b.num_rows for b in blocks] == [4, 4, 2, 4, 4, 2, 4, 1]
+    groups = [set(b.column("group").to_pylist()) for b in blocks]
+    assert all(len(g) == 1 for g in groups) and len({g.pop() for g in groups}) == len(blocks)
+    # resuming a later shard alone cuts the same groups
+    assert [b.column("item_id").to_pylist() for b in group_blocks(items[20:], 10, 4)] == \
+        [b.column("item_id").to_pylist() for b in blocks[-2:]]

@@ -121,6 +121,25 @@ def test_strategies_filter_keeps_only_the_named_negatives(tiny_models, tmp_path)
     assert every.keep == list(range(6)) and not every.dropped
 
 
+def test_noise_steps_filter_keeps_other_strategies_and_the_named_steps(tiny_models, tmp_path):
+    from transformers import AutoProcessor
+    from bpo_ray.schemas import pair_id
+    from bpo_ray.train.data import PairsError, prepare_pairs
+
+    rows = build_pairs_rows(str(tmp_path / "world"), n_scenes=8, limit=6)
+    for row, step in zip(rows[:3], (0, 500, 500)):  # image-weakened pairs at steps 0, 500, 500
+        row.update(strategy="image_weakened", noise_step=step, id=pair_id(row["source_id"], "image_weakened", {"t": step}))
+    write_pairs(rows, str(tmp_path / "p"))
+    processor = AutoProcessor.from_pretrained(tiny_models["mllm"])
+    no_weakening = prepare_pairs(str(tmp_path / "p"), processor, 256, noise_steps=[0])
+    assert no_weakening.keep == [0, 3, 4, 5]
+    assert sorted(no_weakening.dropped["noise_step_not_selected"]) == sorted(r["id"] for r in rows[1:3])
+    weakened = prepare_pairs(str(tmp_path / "p"), processor, 256, strategies=["image_weakened"], noise_steps=[500])
+    assert weakened.keep == [1, 2]
+    with pytest.raises(PairsError, match="noise_steps"):
+        prepare_pairs(str(tmp_path / "p"), processor, 256, strategies=["image_weakened"], noise_steps=[900])
+
+
 def test_strategies_filter_matching_nothing_is_an_error(capsys, tiny_models, good_pairs, tmp_path):
     rc, err = _train(capsys, tiny_models, good_pairs, str(tmp_path / "o"), "train.strategies=[image_weakened]")
     assert rc == 2 and "train.strategies=['image_weakened']" in err and "error_injection" in err

@@ -16,7 +16,7 @@ from bpo_ray.config.base import ConfigError, StrictModel, apply_overrides, forma
 from bpo_ray.config.evaluate import EvaluateConfig
 from bpo_ray.config.generate import GenerateConfig
 from bpo_ray.config.serve import ServeConfig
-from bpo_ray.config.shared import ModelsConfig, RayConfig, StorageConfig
+from bpo_ray.config.shared import ModelsConfig, NumericsConfig, RayConfig, StorageConfig
 from bpo_ray.config.train import ReferenceConfig, TrainConfig
 from bpo_ray.config.world import WorldConfig
 
@@ -29,6 +29,7 @@ class BPOConfig(StrictModel):
     name: str = "custom"
     models: ModelsConfig = ModelsConfig()
     ray: RayConfig = RayConfig()
+    numerics: NumericsConfig = NumericsConfig()
     storage: StorageConfig = StorageConfig()
     world: WorldConfig = WorldConfig()
     generate: GenerateConfig = GenerateConfig()
@@ -70,6 +71,6 @@ def dump_config(cfg: BPOConfig) -> str:
 
 __all__ = [
     "BPOConfig", "ConfigError", "StrictModel", "load_config", "config_from_dict", "dump_config",
-    "resolve_config_path", "ModelsConfig", "RayConfig", "StorageConfig", "WorldConfig",
+    "resolve_config_path", "ModelsConfig", "NumericsConfig", "RayConfig", "StorageConfig", "WorldConfig",
     "GenerateConfig", "TrainConfig", "ReferenceConfig", "ServeConfig", "EvaluateConfig",
 ]

@@ -27,6 +27,16 @@ class RayConfig(StrictModel):
     namespace: str = "bpo-ray"
 
 
+class NumericsConfig(StrictModel):
+    """CPU kernel pinning for bit-reproducible runs across CPUs of one machine kind (``bpo_ray.numerics``)."""
+
+    cpu_isa: Literal["avx2", "native"] = Field(
+        "native", description="avx2: every stage process uses AVX2 kernels (ATen, oneDNN, MKL), so AVX2 and "
+        "AVX-512 CPUs give the same bits; native: whatever the CPU offers (GPU clusters)")
+    threads: Optional[int] = Field(None, ge=1, description="intra-op threads of single-process work (the world "
+                                   "recipe); null: every core of the process's affinity")
+
+
 class StorageConfig(StrictModel):
     """Output root; local path or ``s3://bucket/prefix``. Credentials always come from the env."""
 

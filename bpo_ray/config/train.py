@@ -58,6 +58,9 @@ class TrainConfig(StrictModel):
     use_precomputed_reference: bool = Field(True, description="use ref_*_logp columns when every pair has them")
     strategies: Optional[list[Literal["image_weakened", "error_injection", "judge_ranked"]]] = Field(
         None, description="train only on pairs whose negative came from these strategies (null: all)")
+    noise_steps: Optional[list[int]] = Field(
+        None, description="train only on image-weakened pairs from these diffusion steps (null: all); the paper's "
+        "Table 5 ablation without weakening is [0]. Other strategies' pairs are kept")
     deepspeed_config: Optional[str] = Field(None, description="DeepSpeed JSON; default cluster/deepspeed/zero<stage>.json")
 
     @model_validator(mode="after")

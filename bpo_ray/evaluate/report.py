@@ -43,6 +43,7 @@ HEADLINE: tuple[Column, ...] = (
     Column("CHAIR_s (Resp) ↓", _at("chair", "chair_s", scale=100), lower_is_better=True),
     Column("CHAIR_i (Obj) ↓", _at("chair", "chair_i", scale=100), lower_is_better=True),
     Column("Obj recall", _at("chair", "recall", scale=100)),
+    Column("Well-formed %", _at("chair", "well_formed", scale=100)),
     Column("POPE acc", _at("pope", "mean", "accuracy", scale=100)),
     Column("POPE F1", _at("pope", "mean", "f1", scale=100)),
     Column("POPE F1 adv.", _at("pope", "adversarial", "f1", scale=100)),
@@ -128,6 +129,8 @@ def markdown_report(results: Mapping[str, Any], baseline: Optional[str] = None, 
     if base_name:
         parts += [f"Numbers in percent (MM-Vet: 0-100 grade, LLaVA-Bench: relative score). In brackets: change "
                   f"against **{base_name}**. ↓ lower is better.", ""]
+    parts += ["Seeds behind each number: 1 (one run of each model; a model-quality claim needs the "
+              "multi-seed table of `bench/science.py`, mean ± sd over seeds).", ""]
     rows = [[name] + [_cell(values[name][label], values[base_name][label] if base_name else None,
                             name != base_name) for label in labels] for name in results]
     parts += ["## Main results", "", _table(["Model"] + labels, rows), ""]

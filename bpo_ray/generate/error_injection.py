@@ -21,9 +21,10 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
+from bpo_ray import numerics
 from bpo_ray.config.generate import PoolConfig, SamplingConfig
 from bpo_ray.generate.backends import batch_seed, cpu_engine_defaults, trim_ids
-from bpo_ray.generate.rows import ok_indices, sampling_record, with_column
+from bpo_ray.generate.rows import ok_indices, rows_by_group, sampling_record, with_column
 from bpo_ray.generate.seeds import sampling_seed
 from bpo_ray.models.prompts import text_prompt
 
@@ -90,9 +91,10 @@ class ErrorInjector:
     """Transformers backend: adds ``neg_error_injection`` (one sampled rewrite per usable row)."""
 
     def __init__(self, model_uri: str, sampling: dict, seed: int, dtype: str = "float32",
-                 device: str = "auto", cache_dir: str = "~/.cache/bpo-ray/models"):
+                 device: str = "auto", cache_dir: str = "~/.cache/bpo-ray/models", cpu_isa: str = "native"):
         from bpo_ray.models.loading import load_text_lm
 
+        numerics.check(cpu_isa, where="error injector")
         self.model_uri = model_uri
         self.sampling = SamplingConfig(**sampling)
         self.seed = int(seed)
@@ -112,10 +114,11 @@ class ErrorInjector:
                 negatives[i] = [{"failed": "prompt_too_long"}]
             else:
                 keep.append((i, p))
-        if keep:
-            seeds = [sampling_seed(self.seed, STRATEGY, str(batch["item_id"][i])) for i, _ in keep]
-            texts = self.generate([p for _, p in keep], seeds)
-            for (i, _), seed, text in zip(keep, seeds, texts):
+        prompt_of = dict(keep)
+        for group in rows_by_group(batch, [i for i, _ in keep]):
+            seeds = [sampling_seed(self.seed, STRATEGY, str(batch["item_id"][i])) for i in group]
+            texts = self.generate([prompt_of[i] for i in group], seeds)
+            for i, seed, text in zip(group, seeds, texts):
                 negatives[i] = [_negative(text, seed, self.model_uri, self.provenance)]
         return with_column(batch, COLUMN, negatives)
 

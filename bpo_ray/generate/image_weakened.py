@@ -18,9 +18,10 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
+from bpo_ray import numerics
 from bpo_ray.config.generate import NoiseConfig, SamplingConfig
 from bpo_ray.generate.backends import MLLMRunner, worker_env_defaults
-from bpo_ray.generate.rows import decode_rows_images, ok_indices, sampling_record, with_column
+from bpo_ray.generate.rows import decode_rows_images, ok_indices, rows_by_group, sampling_record, with_column
 from bpo_ray.generate.seeds import noise_seed, sampling_seed
 from bpo_ray.noise import add_diffusion_noise
 
@@ -41,7 +42,8 @@ class ImageWeakenedSampler:
 
     def __init__(self, model_uri: str, backend: str, noise: dict, sampling: dict, seed: int,
                  dtype: str = "float32", device: str = "auto", cache_dir: str = "~/.cache/bpo-ray/models",
-                 engine_kwargs: Optional[dict] = None, drop_image_bytes: bool = False):
+                 engine_kwargs: Optional[dict] = None, drop_image_bytes: bool = False, cpu_isa: str = "native"):
+        numerics.check(cpu_isa, where="image-weakened sampler")
         worker_env_defaults()
         self.noise = NoiseConfig(**noise)
         self.sampling = SamplingConfig(**sampling)
@@ -62,8 +64,8 @@ class ImageWeakenedSampler:
                 negatives[i] = [{"failed": img}]
             else:
                 rows.append(i)
-        if rows:
-            self._generate(batch, rows, images, negatives)
+        for group in rows_by_group(batch, rows):
+            self._generate(batch, group, images, negatives)
         return with_column(batch, COLUMN, negatives, drop=self.drop)
 
     def _generate(self, batch, rows: list[int], images, negatives) -> None:

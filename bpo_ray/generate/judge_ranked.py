@@ -20,9 +20,10 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from bpo_ray import numerics
 from bpo_ray.config.generate import JudgeRankedConfig, SamplingConfig
 from bpo_ray.generate.backends import MLLMRunner, worker_env_defaults
-from bpo_ray.generate.rows import decode_rows_images, ok_indices, sampling_record, with_column
+from bpo_ray.generate.rows import decode_rows_images, ok_indices, rows_by_group, sampling_record, with_column
 from bpo_ray.generate.seeds import derive_seed, sampling_seed
 from bpo_ray.images import to_data_url
 
@@ -155,7 +156,8 @@ class JudgeRankedSampler:
 
     def __init__(self, model_uri: str, backend: str, judge: dict, seed: int, dtype: str = "float32",
                  device: str = "auto", cache_dir: str = "~/.cache/bpo-ray/models",
-                 engine_kwargs: Optional[dict] = None, drop_image_bytes: bool = False):
+                 engine_kwargs: Optional[dict] = None, drop_image_bytes: bool = False, cpu_isa: str = "native"):
+        numerics.check(cpu_isa, where="judge-ranked sampler")
         worker_env_defaults()
         self.cfg = JudgeRankedConfig(**judge)
         if not self.cfg.judge_url:
@@ -178,7 +180,9 @@ class JudgeRankedSampler:
         for i, img in images.items():
             if isinstance(img, str):
                 negatives[i] = [{"failed": img}]
-        samples = self._sample(batch, rows, images, negatives)
+        samples: dict[int, list[tuple[str, int]]] = {}
+        for group in rows_by_group(batch, rows):
+            samples.update(self._sample(batch, group, images, negatives))
         with ThreadPoolExecutor(max_workers=8) as pool:
             results = list(pool.map(lambda i: (i, self._rank(batch, i, images[i], samples[i])), samples))
         for i, neg in results:

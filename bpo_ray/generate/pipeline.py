@@ -32,6 +32,7 @@ from bpo_ray.generate.judge_ranked import JudgeRankedSampler
 from bpo_ray.generate.pairs import build_outcomes
 from bpo_ray.generate.shards import ShardStore, total_counts
 from bpo_ray.generate.sources import ITEM_COLUMNS, assign_shards, read_source
+from bpo_ray.raycluster import worker_runtime_env
 from bpo_ray.schemas import Manifest, library_versions, write_manifest
 
 IMAGE_STRATEGIES = ("image_weakened", "judge_ranked")
@@ -59,19 +60,6 @@ def pool_kwargs(pool: PoolConfig) -> dict[str, Any]:
     return kwargs
 
 
-STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
-
-
-def storage_runtime_env() -> Optional[dict[str, Any]]:
-    """Where the stage workers find storage: the driver's non-secret S3 settings (endpoint, region).
-
-    Credentials are never forwarded (a runtime_env is stored in the cluster's GCS and shown by
-    the dashboard); workers get them from their node (instance profile / node environment).
-    """
-    env = {k: os.environ[k] for k in STORAGE_ENV if os.environ.get(k)}
-    return {"env_vars": env} if env else None
-
-
 def _plan(cfg: BPOConfig, source: str, images: Optional[str], files: list[str], items: list[dict]) -> dict:
     gen = cfg.generate.model_dump(mode="json")
     for key in RUNTIME_ONLY:
@@ -91,6 +79,36 @@ def _model_source(uri: str) -> str:
         else os.path.abspath(os.path.expanduser(uri))
 
 
+def generation_group_size(cfg: BPOConfig) -> int:
+    """Items a model generates for in one batch: the smallest batch of the pools in use."""
+    gen = cfg.generate
+    pools = {"image_weakened": gen.sampler.pool, "judge_ranked": gen.judge_ranked.pool,
+             "error_injection": gen.injector.pool}
+    return min(pool.batch_size for name, pool in pools.items() if name in gen.strategies)
+
+
+def group_blocks(items: list[dict[str, Any]], shard_size: int, group_size: int) -> list:
+    """``items`` (in order) as Arrow tables, one per generation group, with a ``group`` column.
+
+    A group is ``group_size`` consecutive items of one shard, fixed by their position: every run
+    and every resume batches the same items together, so generation does not depend on how Ray
+    Data schedules blocks (``rows.rows_by_group``). One block a group also keeps the stream
+    moving: a shard commits as soon as its last item arrives.
+    """
+    import pyarrow as pa
+
+    per_shard = -(-shard_size // group_size)
+    rows = [{**item, "group": item["shard"] * per_shard + (item["order"] % shard_size) // group_size}
+            for item in items]
+    table = pa.Table.from_pylist(rows)
+    blocks, start = [], 0
+    for end in range(1, len(rows) + 1):
+        if end == len(rows) or rows[end]["group"] != rows[start]["group"]:
+            blocks.append(table.slice(start, end - start))
+            start = end
+    return blocks
+
+
 def build_dataset(items: list[dict[str, Any]], cfg: BPOConfig):
     """The lazy Ray Data pipeline for ``items``; its rows are ``order, shard, outcome, result``."""
     import ray
@@ -98,13 +116,13 @@ def build_dataset(items: list[dict[str, Any]], cfg: BPOConfig):
     gen, models = cfg.generate, cfg.models
     strategies = list(gen.strategies)
     image_stages = [s for s in IMAGE_STRATEGIES if s in strategies]
-    # Small blocks keep the stream moving: a shard commits as soon as its last item arrives.
-    io_batch = min(p.batch_size for p in (gen.sampler.pool, gen.injector.pool, gen.judge_ranked.pool))
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(-(-len(items) // io_batch), 1024)))
-    runtime_env = storage_runtime_env()
+    io_batch = generation_group_size(cfg)
+    ds = ray.data.from_arrow(group_blocks(items, gen.shard_size, io_batch))
+    runtime_env = worker_runtime_env(cfg.numerics)
     ds = ds.map_batches(load_images, fn_kwargs=dict(max_bytes=gen.max_image_bytes, keep_bytes=bool(image_stages)),
                         batch_size=io_batch, num_cpus=gen.io_num_cpus, runtime_env=runtime_env)
-    common = dict(dtype=models.dtype, device=models.device, cache_dir=models.cache_dir)
+    common = dict(dtype=models.dtype, device=models.device, cache_dir=models.cache_dir,
+                  cpu_isa=cfg.numerics.cpu_isa)
     pools = {name: dict(pool_kwargs(pool), runtime_env=runtime_env) for name, pool in
              (("sampler", gen.sampler.pool), ("judge", gen.judge_ranked.pool), ("injector", gen.injector.pool))}
     for stage in image_stages:
@@ -124,7 +142,7 @@ def build_dataset(items: list[dict[str, Any]], cfg: BPOConfig):
             ds = ds.map_batches(ErrorInjector, **pools["injector"], fn_constructor_kwargs=dict(
                 model_uri=models.text_llm, sampling=inj.sampling.model_dump(), seed=gen.seed, **common))
         else:
-            keep = list(ITEM_COLUMNS) + ["image_sha256"] + [f"neg_{s}" for s in image_stages]
+            keep = list(ITEM_COLUMNS) + ["group", "image_sha256"] + [f"neg_{s}" for s in image_stages]
             processor = error_injection_processor(
                 models.text_llm, _model_source(models.text_llm), inj.sampling, gen.seed, inj.pool, keep,
                 inj.engine_kwargs, cache_dir=models.cache_dir, io_num_cpus=gen.io_num_cpus, runtime_env=runtime_env)

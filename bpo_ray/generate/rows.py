@@ -21,6 +21,21 @@ def ok_indices(batch: dict[str, np.ndarray]) -> list[int]:
     return [i for i, s in enumerate(batch["status"]) if s == "ok"]
 
 
+def rows_by_group(batch: dict[str, np.ndarray], rows: Sequence[int]) -> list[list[int]]:
+    """``rows`` split by their generation ``group``, groups in ascending order.
+
+    A model runs each group as one batch, so what an item gets depends only on its group (fixed
+    by its position in its shard), never on how Ray Data happened to bundle blocks into a call:
+    padding, batch shapes and a sampled batch's seed are the same on every run and resume.
+    """
+    if "group" not in batch:
+        return [list(rows)] if len(rows) else []
+    groups: dict[int, list[int]] = {}
+    for i in rows:
+        groups.setdefault(int(batch["group"][i]), []).append(i)
+    return [groups[g] for g in sorted(groups)]
+
+
 def decode_rows_images(batch: dict[str, np.ndarray], rows: Sequence[int]) -> dict[int, Image.Image | str]:
     """Row index -> decoded RGB image, or the ImageError reason if it no longer decodes."""
     out: dict[int, Image.Image | str] = {}

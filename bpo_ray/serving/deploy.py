@@ -28,9 +28,12 @@ def start_serving(cfg: BPOConfig, apps: Sequence[str] = (MODEL_APP, JUDGE_APP),
     until they answer. Serve's HTTP proxy binds ``serve.host:serve.port``."""
     from ray import serve
 
+    from bpo_ray.raycluster import worker_runtime_env
     from bpo_ray.serving.apps import judge_application, model_application
 
     s = cfg.serve
+    if runtime_env is None:
+        runtime_env = worker_runtime_env(cfg.numerics)
     serve.start(http_options={"host": s.host, "port": s.port})
     targets = []
     if MODEL_APP in apps:

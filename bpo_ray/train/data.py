@@ -96,12 +96,15 @@ class PreparedPairs:
 
 
 def prepare_pairs(
-    uri: str, processor, max_length: int, check_images: bool = True, strategies: Optional[Sequence[str]] = None
+    uri: str, processor, max_length: int, check_images: bool = True, strategies: Optional[Sequence[str]] = None,
+    noise_steps: Optional[Sequence[int]] = None,
 ) -> PreparedPairs:
     """Validate the pairs at ``uri`` for training; see the module docstring for the checks.
 
     ``strategies`` keeps only pairs whose negative came from those strategies (the paper's
     single-strategy ablations, Table 5); the others are listed as ``strategy_not_selected``.
+    ``noise_steps`` keeps only the image-weakened pairs of those diffusion steps (the others are
+    listed as ``noise_step_not_selected``); pairs of other strategies are not affected.
     """
     table = read_pairs(uri)
     ids = table.column("id").to_pylist()
@@ -116,6 +119,15 @@ def prepare_pairs(
         if not rows:
             raise PairsError(f"none of the {table.num_rows} pairs at {uri} comes from train.strategies="
                              f"{sorted(wanted)} (they hold {sorted(set(of_row))})")
+    if noise_steps is not None:
+        steps, wanted_steps = table.column("noise_step").to_pylist(), set(noise_steps)
+        of_row = table.column("strategy").to_pylist()
+        other = [i for i in rows if of_row[i] == "image_weakened" and steps[i] not in wanted_steps]
+        if other:
+            dropped["noise_step_not_selected"] = [ids[i] for i in other]
+            rows = sorted(set(rows) - set(other))
+        if not rows:
+            raise PairsError(f"no pairs at {uri} are left after train.noise_steps={sorted(wanted_steps)}")
     selected = table.take(rows)
     if check_images:
         check_images_exist(selected)

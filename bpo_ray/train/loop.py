@@ -28,7 +28,7 @@ from typing import Any, Optional
 
 import torch
 
-from bpo_ray import storage
+from bpo_ray import numerics, storage
 from bpo_ray.config.shared import ModelsConfig
 from bpo_ray.config.train import TrainConfig
 from bpo_ray.train.data import DataPosition, PairDataset, PreparedPairs, total_samples
@@ -275,6 +275,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     out_uri: str = config["out"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    numerics.check(config.get("numerics", {}).get("cpu_isa", "native"), where=f"train worker {rank}")
     device = ray.train.torch.get_device()
     dtype = torch.bfloat16 if train.precision == "bf16" else None
 

@@ -25,9 +25,13 @@ from bpo_ray.train.data import PairsError, check_images_exist, pairs_location, r
 class ReferenceScorer:
     """Ray Data actor: the base MLLM scoring batches of pairs (Arrow tables in, Arrow tables out)."""
 
-    def __init__(self, models: dict[str, Any], max_length: int, average_logp: bool, micro_batch: int):
+    def __init__(self, models: dict[str, Any], max_length: int, average_logp: bool, micro_batch: int,
+                 cpu_isa: str = "native"):
         import torch
 
+        from bpo_ray import numerics
+
+        numerics.check(cpu_isa, where="reference scorer")
         from bpo_ray.config.shared import ModelsConfig
         from bpo_ray.models.loading import load_mllm
 
@@ -91,7 +95,7 @@ def run_reference(cfg: BPOConfig, pairs_uri: str, out_uri: str) -> Manifest:
     """Score every pair at ``pairs_uri`` with the base model; write ``out_uri/pairs`` + manifest."""
     import ray
 
-    from bpo_ray.raycluster import init_ray
+    from bpo_ray.raycluster import init_ray, worker_runtime_env
 
     started = time.perf_counter()
     source = pairs_location(pairs_uri)
@@ -110,12 +114,13 @@ def run_reference(cfg: BPOConfig, pairs_uri: str, out_uri: str) -> Manifest:
     ds = ds.map_batches(
         ReferenceScorer,
         fn_constructor_kwargs={"models": cfg.models.model_dump(mode="json"), "max_length": cfg.train.max_length,
-                               "average_logp": cfg.train.average_logp, "micro_batch": ref.batch_size},
+                               "average_logp": cfg.train.average_logp, "micro_batch": ref.batch_size, "cpu_isa": cfg.numerics.cpu_isa},
         batch_size=ref.batch_size * 4,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=ref.num_actors),
         num_cpus=ref.num_cpus,
         num_gpus=ref.num_gpus,
+        runtime_env=worker_runtime_env(cfg.numerics),
     )
     out_fs, out_path = storage.filesystem(out_pairs)
     from ray.data import SaveMode

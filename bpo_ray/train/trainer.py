@@ -25,8 +25,9 @@ from typing import Optional
 
 from bpo_ray import storage
 from bpo_ray.config import BPOConfig
-from bpo_ray.config.shared import ModelsConfig
+from bpo_ray.config.shared import ModelsConfig, NumericsConfig
 from bpo_ray.config.train import LoraConfig, TrainConfig
+from bpo_ray.raycluster import worker_runtime_env
 from bpo_ray.schemas import Manifest, ManifestCounts, library_versions, read_manifest
 from bpo_ray.train.data import PairsError, PreparedPairs, pairs_location, prepare_pairs
 from bpo_ray.train.loop import CHECKPOINTS_DIR, FAIL_AT_STEP_ENV, train_loop_per_worker
@@ -76,23 +77,20 @@ def check_reference_settings(pairs_uri: str, train: TrainConfig, models: ModelsC
                          "rerun `bpo-ray reference` or set train.use_precomputed_reference=false")
 
 
-def _run_config(train: TrainConfig, out_uri: str):
+def _run_config(train: TrainConfig, out_uri: str, numerics_cfg: Optional[NumericsConfig] = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
     fs, path = storage.filesystem(out_uri)
-    env = {"TOKENIZERS_PARALLELISM": "false"}
+    extra = {"TOKENIZERS_PARALLELISM": "false"}
     if os.environ.get(FAIL_AT_STEP_ENV):
-        env[FAIL_AT_STEP_ENV] = os.environ[FAIL_AT_STEP_ENV]
-    for key in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION"):  # not secrets; credentials come from the nodes
-        if os.environ.get(key):
-            env[key] = os.environ[key]
+        extra[FAIL_AT_STEP_ENV] = os.environ[FAIL_AT_STEP_ENV]
     return RunConfig(
         name=RUN_NAME,
         storage_path=path,
         storage_filesystem=fs,
         failure_config=FailureConfig(max_failures=train.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=train.checkpoints_to_keep),
-        worker_runtime_env={"env_vars": env},
+        worker_runtime_env=worker_runtime_env(numerics_cfg, **extra),
     )
 
 
@@ -114,14 +112,15 @@ def run_training(cfg: BPOConfig, pairs_uri: str, out_uri: str) -> TrainResult:
     model_path = resolve_model_path(models.mllm, models.cache_dir)
     check_lora_targets(model_path, train.lora)
     processor = AutoProcessor.from_pretrained(model_path)
-    prepared = prepare_pairs(pairs_uri, processor, train.max_length, strategies=train.strategies)
+    prepared = prepare_pairs(pairs_uri, processor, train.max_length, strategies=train.strategies,
+                             noise_steps=train.noise_steps)
     use_reference_columns = train.mode == "dpo" and train.use_precomputed_reference and prepared.reference
     if use_reference_columns:
         check_reference_settings(pairs_uri, train, models)
 
     validated_s = time.perf_counter() - started
     init_ray(cfg.ray)
-    run_config = _run_config(train, out_uri)
+    run_config = _run_config(train, out_uri, cfg.numerics)
     check_cluster_can_write(out_uri, run_config.worker_runtime_env)
     config = {
         "train": train.model_dump(mode="json"),

@@ -27,6 +27,7 @@ Same parameters, same machine -> bit-identical weights (seeded init, seeded batc
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -39,6 +40,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from bpo_ray import numerics
+from bpo_ray.config.shared import NumericsConfig
 from bpo_ray.config.world import BaseModelConfig
 from bpo_ray.models.checkpoint import save_portable
 from bpo_ray.models.loading import load_mllm, load_text_lm
@@ -429,19 +432,32 @@ def align_mllm(mllm, tokenizer, pixels: dict[str, torch.Tensor], records: Sequen
 # The recipe
 
 
-def _cache_key(world: dict[str, Any], recipe: BaseModelRecipe, seed: int) -> dict[str, Any]:
-    return {"format": BASE_MODEL_FORMAT, "world": world["params"], "seed": seed, "recipe": recipe.model_dump()}
+def _cache_key(world: dict[str, Any], recipe: BaseModelRecipe, seed: int, numerics_cfg: NumericsConfig) -> dict[str, Any]:
+    return {"format": BASE_MODEL_FORMAT, "world": world["params"], "seed": seed, "recipe": recipe.model_dump(),
+            "numerics": numerics_cfg.model_dump()}
+
+
+def weights_sha256(model_dir: str | Path) -> str:
+    """sha256 over a checkpoint's ``*.safetensors`` files (name and bytes, sorted): the model's identity."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        digest.update(path.name.encode())
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def build_base_model(
-    world_dir: str | Path, out_dir: str | Path, recipe: BaseModelRecipe = BaseModelRecipe(), seed: int | None = None
+    world_dir: str | Path, out_dir: str | Path, recipe: BaseModelRecipe = BaseModelRecipe(), seed: int | None = None,
+    numerics_cfg: NumericsConfig = NumericsConfig(),
 ) -> dict[str, Any]:
     """Build (or find already built) the base models; returns ``base_model.json``'s content
     with ``paths`` {"mllm", "text_llm"} (absolute)."""
     out_dir = Path(out_dir)
     world = read_world(world_dir)
     seed = world["params"]["seed"] if seed is None else seed
-    key = _cache_key(world, recipe, seed)
+    key = _cache_key(world, recipe, seed, numerics_cfg)
     meta_path = out_dir / "base_model.json"
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
@@ -450,8 +466,10 @@ def build_base_model(
         meta_path.unlink()
 
     started = time.perf_counter()
-    # A Ray job driver inherits OMP_NUM_THREADS=1; the recipe is one process and may use every core.
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+    # The recipe is one process: pinned kernels and a fixed thread count make its bits the same on
+    # every CPU of the machine kind, from the CLI or a Ray job driver (which inherits OMP_NUM_THREADS=1).
+    numerics.check(numerics_cfg.cpu_isa, numerics_cfg.threads or max(1, len(os.sched_getaffinity(0))),
+                   where="the base-model recipe")
     torch.manual_seed(seed)
     documents = pretraining_documents(world_dir, recipe, seed)
     spec = tiny_spec(recipe, world["params"]["image_size"])
@@ -510,6 +528,8 @@ def build_base_model(
         "existence": {"first_loss": existence_losses[0], "last_loss": _tail_mean(existence_losses)} if existence_losses else None,
         "align": {"records": len(records), "first_loss": align_losses[0], "last_loss": _tail_mean(align_losses)},
         "seconds": {name: round(value, 2) for name, value in timings.items()},
+        "weights_sha256": {name: weights_sha256(path) for name, path in paths.items()},
+        "numerics": numerics.describe(numerics_cfg.cpu_isa, torch.get_num_threads()),
     }
     tmp = meta_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")

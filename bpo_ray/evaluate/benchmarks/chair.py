@@ -24,6 +24,7 @@ from bpo_ray.evaluate.items import EvalItem, LoadedBenchmark, row_meta
 from bpo_ray.evaluate.judge import JudgeProtocol, JudgeRequest
 from bpo_ray.evaluate.sources import BenchmarkDataError, first_human_turn, load_world_split, read_json
 from bpo_ray.images import resolve_image_uri
+from bpo_ray.world.grammar import well_formed_share
 
 NAME = "chair"
 
@@ -183,6 +184,8 @@ def score(rows: Sequence[Mapping[str, Any]], info: Mapping[str, Any], extractor_
     partners = info.get("prior_partners")
     if partners:
         metrics["prior_typical_share"] = prior_typical_share(report.items, partners)
+    if info.get("source") == "world":
+        metrics["well_formed"] = well_formed_share(row["answer"] for row in rows)
     details = [
         {"id": row["id"], "mentioned": item.mentioned, "hallucinated": item.hallucinated,
          "ground_truth": item.ground_truth}

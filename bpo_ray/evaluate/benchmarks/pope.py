@@ -27,9 +27,15 @@ def _question(text: str, suffix: str) -> str:
 
 def load_world(world_dir: str, settings: PopeSettings, max_items: Optional[int], seed: int = 0) -> LoadedBenchmark:
     split = load_world_split(world_dir, "test")
+    # Probes are drawn per image from a seed that includes the image's key: key on the path inside
+    # the world (as world/evaluate_base does), so a world built or copied elsewhere asks the same.
+    prefix = split.root.rstrip("/") + "/"
     annotations: dict[str, list[str]] = {}
+    uri_of: dict[str, str] = {}
     for record in sorted(split.records, key=lambda r: r["id"]):
-        annotations.setdefault(record["image"], sorted(record.get("objects") or []))
+        key = record["image"][len(prefix):] if record["image"].startswith(prefix) else record["image"]
+        uri_of[key] = record["image"]
+        annotations.setdefault(key, sorted(record.get("objects") or []))
     ranking = {kind: [partner] for kind, partner in split.prior_partners.items()}
     probes = build_pope_probes(annotations, vocabulary=split.objects, n_per_image=settings.n_per_image,
                                seed=seed, adversarial_ranking=ranking)
@@ -40,7 +46,7 @@ def load_world(world_dir: str, settings: PopeSettings, max_items: Optional[int],
             continue
         per_split[probe["split"]] = per_split.get(probe["split"], 0) + 1
         loaded.items.append(EvalItem(
-            f"{NAME}/{probe['id']}", NAME, probe["image"], _question(probe["question"], settings.prompt_suffix),
+            f"{NAME}/{probe['id']}", NAME, uri_of[probe["image"]], _question(probe["question"], settings.prompt_suffix),
             reference=probe["label"], category=probe["split"],
             meta={"label": probe["label"], "split": probe["split"], "object": probe["object"]}))
     return loaded

@@ -1,0 +1,79 @@
+"""Portable CPU numerics: the same seed gives the same bits on every CPU of a machine kind.
+
+PyTorch, oneDNN and MKL pick their kernels from the CPU's vector ISA at run time. Machines of
+one kind differ (some AVX2 only, some AVX-512), the kernels round differently, and a long CPU
+training run amplifies those last bits into a different model (measured: the default world's
+base model had CHAIR_i 0.436 with AVX-512 kernels, 0.195 with AVX2 ones; docs/reproducibility.md).
+
+``numerics.cpu_isa: avx2`` (the embedded default) makes every process of a stage use the AVX2
+kernels, which every x86-64 machine of the kind has, through three environment variables:
+
+* ``ATEN_CPU_CAPABILITY=avx2``: PyTorch's own kernels (read lazily, at the first dispatch);
+* ``ONEDNN_MAX_CPU_ISA=AVX2``: oneDNN's JIT kernels;
+* ``MKL_CBWR=AVX2``: MKL's conditional numerical reproducibility mode (BLAS/GEMM).
+
+``numerics.threads`` fixes the intra-op thread count where a stage runs one big process (the
+world recipe): ATen and MKL split reductions by thread, so the count is part of the numerics too.
+``native`` (GPU clusters) leaves everything as the CPU offers it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+PORTABLE_ENV: dict[str, dict[str, str]] = {
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"},
+    "native": {},
+}
+
+
+class NumericsError(RuntimeError):
+    """A process computes with other kernels than the config asks for."""
+
+
+def env_vars(cpu_isa: str) -> dict[str, str]:
+    """The environment that pins ``cpu_isa`` (empty for ``native``)."""
+    try:
+        return dict(PORTABLE_ENV[cpu_isa])
+    except KeyError:
+        raise ValueError(f"unknown numerics.cpu_isa {cpu_isa!r}; choose from {sorted(PORTABLE_ENV)}") from None
+
+
+def pin(cpu_isa: str) -> dict[str, str]:
+    """Set the pinning variables in this process's environment (children and a local Ray inherit
+    them); returns them. Call before the first tensor operation."""
+    wanted = env_vars(cpu_isa)
+    os.environ.update(wanted)
+    return wanted
+
+
+def active_capability() -> str:
+    """PyTorch's CPU kernel set in this process, e.g. ``AVX2`` or ``AVX512``."""
+    import torch
+
+    return str(torch.backends.cpu.get_cpu_capability())
+
+
+def check(cpu_isa: str, threads: Optional[int] = None, where: str = "this process") -> None:
+    """Fail loudly where ``cpu_isa`` is pinned but this process runs other kernels (e.g. a Ray
+    worker started without the stage's runtime env); set ``threads`` when given."""
+    import torch
+
+    wanted = env_vars(cpu_isa)
+    if wanted:
+        missing = {k: v for k, v in wanted.items() if os.environ.get(k) != v}
+        capability = active_capability()
+        if missing or capability.lower() != cpu_isa:
+            raise NumericsError(
+                f"{where} runs {capability} kernels, but numerics.cpu_isa={cpu_isa} asks for portable "
+                f"{cpu_isa.upper()} numerics; its environment lacks {missing}. Start it with those variables "
+                "(bpo-ray's stages pass them to every Ray worker), or set numerics.cpu_isa=native")
+    if threads:
+        torch.set_num_threads(int(threads))
+
+
+def describe(cpu_isa: str, threads: Optional[int]) -> dict[str, object]:
+    """What a manifest records about the numerics of a run."""
+    return {"cpu_isa": cpu_isa, "threads": threads, "capability": active_capability(),
+            "env": {k: os.environ.get(k) for k in PORTABLE_ENV["avx2"]}}

@@ -1,0 +1,96 @@
+"""Portable CPU numerics: pinned kernels everywhere a stage computes, the same bits however it runs.
+
+The machine kind's CPUs differ (AVX2 or AVX-512); ``numerics.cpu_isa: avx2`` makes each process
+use the AVX2 kernels. These tests run real processes: a fresh interpreter pinned before torch is
+imported, one pinned by the CLI's early pass, and a Ray worker given the stage runtime env, and
+compare the weights of the same small training run by sha256.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bpo_ray import numerics
+from bpo_ray.config.shared import NumericsConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+TRAIN_SNIPPET = """
+import hashlib, torch
+torch.set_num_threads(2)
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.LayerNorm(256), torch.nn.Linear(256, 64))
+opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+x, y = torch.randn(512, 64), torch.randn(512, 64)
+for _ in range(60):
+    opt.zero_grad(); torch.nn.functional.mse_loss(model(x).softmax(-1) @ x.T @ x / 512, y).backward(); opt.step()
+print(torch.backends.cpu.get_cpu_capability(), hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest())
+"""
+
+
+def _clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in numerics.PORTABLE_ENV["avx2"]}
+
+
+def _run(code: str, env: dict[str, str]) -> str:
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.strip().splitlines()[-1]
+
+
+def test_env_vars_name_the_three_kernel_libraries():
+    assert numerics.env_vars("avx2") == {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"}
+    assert numerics.env_vars("native") == {}
+    with pytest.raises(ValueError, match="avx512"):
+        numerics.env_vars("avx512")
+
+
+def test_check_fails_loudly_in_a_process_started_without_the_pinning():
+    code = "from bpo_ray import numerics\nnumerics.check('avx2', where='a worker')"
+    done = subprocess.run([sys.executable, "-c", code], env=_clean_env(), cwd=REPO, capture_output=True, text=True)
+    assert done.returncode != 0
+    assert "NumericsError" in done.stderr and "a worker" in done.stderr and "ATEN_CPU_CAPABILITY" in done.stderr
+
+
+def test_the_cli_pins_the_configs_kernels_before_the_stage_computes():
+    probe = ("import os, sys\nfrom bpo_ray.cli import pin_numerics_early\npin_numerics_early(sys.argv[1:])\n"
+             "import torch\nprint(torch.backends.cpu.get_cpu_capability(), os.environ.get('MKL_CBWR'))")
+    run = lambda *args: subprocess.run([sys.executable, "-c", probe, *args], env=_clean_env(), cwd=REPO,
+                                       capture_output=True, text=True, timeout=120).stdout.split()
+    assert run("--config", "tiny") == ["AVX2", "AVX2"]
+    native = run("--config", "tiny", "--set", "numerics.cpu_isa=native")
+    assert native[1] == "None"  # nothing pinned: whatever the CPU offers
+
+
+def test_same_bits_pinned_at_start_pinned_by_the_cli_and_in_a_ray_worker(ray_cluster):
+    """One small training run, three ways a stage process can come to its kernels."""
+    at_start = _run(TRAIN_SNIPPET, {**_clean_env(), **numerics.env_vars("avx2")})
+    late = _run("from bpo_ray.cli import pin_numerics_early\npin_numerics_early(['--config', 'tiny'])\n" + TRAIN_SNIPPET,
+                _clean_env())
+    from bpo_ray.raycluster import worker_runtime_env
+
+    @ray_cluster.remote(num_cpus=1)
+    def in_worker(code: str) -> str:
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip().splitlines()[-1]
+
+    # the task's child inherits the worker's environment, which comes from the runtime env
+    worker = ray_cluster.get(in_worker.options(runtime_env=worker_runtime_env(NumericsConfig(cpu_isa="avx2")))
+                             .remote(TRAIN_SNIPPET))
+    assert at_start.startswith("AVX2 ")
+    assert at_start == late == worker
+
+
+def test_worker_env_carries_storage_settings_and_the_pinning_but_no_secret(monkeypatch):
+    from bpo_ray.raycluster import worker_env
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "do-not-forward")
+    env = worker_env(NumericsConfig(cpu_isa="avx2"))
+    assert env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9" and env["ATEN_CPU_CAPABILITY"] == "avx2"
+    assert "AWS_SECRET_ACCESS_KEY" not in env
+    assert "ATEN_CPU_CAPABILITY" not in worker_env(NumericsConfig(cpu_isa="native"))
