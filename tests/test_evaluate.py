@@ -135,6 +135,22 @@ def test_chair_judge_extraction_handles_negation_rules_do_not():
     assert details[1]["hallucinated"] == ["leash"] and judged["extractor"] == "judge"
 
 
+
+def test_chair_coco_scoring_uses_the_configured_matching():
+    lines = ["person, man, baby", "bus, minibus", "bird", "tie, bow tie"]
+    rows = [{"id": "a", "answer": "A baby bird near a bus and two ties.", "meta": json.dumps({"objects": ["bird", "bus"]})}]
+    by_mode = {}
+    for matching in ("rohrbach", "corrected", "table"):
+        info = {"source": "coco", "synonyms": chair.synonyms_from_lines(lines), "synonym_lines": lines,
+                "matching": matching}
+        metrics, details = chair.score(rows, info, "rules")
+        by_mode[matching] = details[0]["mentioned"]
+        assert metrics["matching"] == matching
+    assert by_mode == {"rohrbach": ["bird"],  # Pattern reads "bus" as "bu", "ties" as "ty"
+                       "corrected": ["bird", "bus", "tie"],
+                       "table": ["person", "bird", "bus", "tie"]}  # no baby-animal rule
+
+
 # ---------------------------------------------------------------------------------------------
 # Loaders: public formats (local and s3://)
 
