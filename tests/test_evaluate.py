@@ -357,7 +357,9 @@ def _metrics(chair_i: float, f1: float, mm: float, rel: float) -> dict:
     return {"benchmarks": {
         "chair": {"chair_s": 2 * chair_i, "chair_i": chair_i, "recall": 0.5, "n_mentions": 300},
         "pope": {"random": split, "adversarial": {**split, "f1": f1 - 0.1},
-                 "mean": {"accuracy": 0.5, "precision": 0.5, "recall": 0.5, "f1": f1 - 0.05, "yes_ratio": 0.5}},
+                 "mean": {"accuracy": 0.5, "precision": 0.5, "recall": 0.5, "f1": f1 - 0.05, "yes_ratio": 0.5},
+                 "strict": {"random": {**split, "f1": f1 - 0.2},
+                            "mean": {"accuracy": 0.4, "precision": 0.5, "recall": 0.5, "f1": f1 - 0.2, "yes_ratio": 0.4}}},
         "mmvet": {"total": mm, "per_capability": {"rec": mm, "spat": mm / 2}},
         "llava_bench": {"all": {"relative": rel}, "per_category": {"conv": {"relative": rel}}},
     }, "counts": {"chair": {"items": 3, "scored": 2, "failed": 1}}, "failures": {"chair": {"missing_image": 1}}}
@@ -379,6 +381,9 @@ def test_report_table_deltas_plots_and_json(tmp_path):
     assert got["CHAIR_i (Obj) ↓"] == "10.0 (−15.0)"
     assert got["CHAIR_s (Resp) ↓"] == "20.0 (−30.0)"
     assert got["POPE F1"] == "75.0 (+10.0)" and got["POPE F1 adv."] == "70.0 (+10.0)"
+    assert got["POPE F1 strict"] == "60.0 (+10.0)" and got["POPE acc strict"] == "40.0 (+0.0)"
+    assert "| bpo-both | random | official | 50.0 | 50.0 | 50.0 | 80.0 | 50.0 | 10 |" in markdown
+    assert "| bpo-both | random | strict | 50.0 | 50.0 | 50.0 | 60.0 | 50.0 | 10 |" in markdown
     assert got["MM-Vet"] == "30.0 (+5.0)" and got["LLaVA-Bench rel."] == "70.0 (+10.0)"
     base_row = next(line for line in markdown.splitlines() if line.startswith("| base |"))
     assert "(" not in base_row  # no delta against itself

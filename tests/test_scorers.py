@@ -6,7 +6,7 @@ import pytest
 
 from bpo_ray.eval.chair import ObjectMentionExtractor, prior_typical_share, score_chair, synonyms_from_lines
 from bpo_ray.eval.rohrbach import RohrbachExtractor, rohrbach_synonyms, treebank_tokenize
-from bpo_ray.eval.pope import build_pope_probes, parse_yes_no, pope_metrics, score_pope
+from bpo_ray.eval.pope import build_pope_probes, parse_answer, parse_yes_no, pope_metrics, score_pope
 from bpo_ray.world import vocab
 from bpo_ray.world.corpus import prior_typical_partner
 
@@ -172,6 +172,34 @@ def test_score_chair_takes_a_rohrbach_extractor() -> None:
 )
 def test_parse_yes_no(answer: str, expected: str) -> None:
     assert parse_yes_no(answer) == expected
+
+
+@pytest.mark.parametrize(
+    "answer, official, strict",
+    [
+        ("There is a dog in the image.", "yes", "no"),  # no decision word: official "yes", strict "no"
+        ("Nope.", "yes", "no"),
+        ("I don't see any dog.", "yes", "no"),
+        ("NO", "yes", "no"),  # only "No", "no", "not" count
+        ("No!", "yes", "no"),
+        ("No, there is none.", "no", "no"),  # the comma is deleted first
+        ("Yes, but not the big one.", "no", "yes"),  # any "not" in the first sentence
+        ("Yes. It is not big.", "yes", "yes"),  # only the first sentence counts
+        ("The cup yes.", "yes", "yes"),  # the bias world's answers read the same under both
+        ("The cup no.", "no", "no"),
+    ],
+)
+def test_official_and_strict_parses(answer: str, official: str, strict: str) -> None:
+    assert (parse_answer(answer), parse_answer(answer, "strict")) == (official, strict)
+
+
+def test_score_pope_parse_is_named() -> None:
+    probes = [{"split": "random", "label": "yes"}, {"split": "random", "label": "no"}]
+    answers = ["There is a dog.", "Nope."]
+    assert score_pope(probes, answers)["random"].yes_ratio == 1.0
+    assert score_pope(probes, answers, "strict")["random"].yes_ratio == 0.0
+    with pytest.raises(ValueError, match="unknown POPE parse"):
+        score_pope(probes, answers, "lenient")  # type: ignore[arg-type]
 
 
 def test_parse_yes_no_default_is_configurable() -> None:
