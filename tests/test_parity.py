@@ -54,7 +54,7 @@ def test_chair_matches_rohrbach_reference_caption_by_caption(rohrbach: RohrbachE
         hallucinated = [[word, obj] for word, obj, pos in zip(found.words, found.objects, found.positions)
                         if obj not in truth[image_id]]
         assert hallucinated == expected["mscoco_hallucinated_words"], expected["caption"]
-        assert [pos for (_, obj), pos in zip(zip(found.words, found.objects), found.positions)
+        assert [pos for obj, pos in zip(found.objects, found.positions)
                 if obj not in truth[image_id]] == expected["hallucination_idxs"]
         assert (int(item.is_hallucinated), item.chair_i) == (expected["CHAIRs"], expected["CHAIRi"])
         items.append(item)

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Iterable, Literal, Sequence
+from typing import Iterable, Literal
 
 from bpo_ray.eval.chair import ObjectMention, plural_forms
 
@@ -289,7 +289,3 @@ class RohrbachExtractor:
         """Canonical object of a form ('dog' for 'puppy'); unknown names are returned unchanged."""
         return self.synonyms.get(name, self.synonyms.get(name.lower(), name))
 
-
-def coco_objects(extractor: RohrbachExtractor, captions: Sequence[str]) -> list[list[str]]:
-    """Canonical objects each caption mentions (repeats kept), in caption order."""
-    return [extractor.caption_words(caption).objects for caption in captions]
