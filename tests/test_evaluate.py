@@ -135,6 +135,22 @@ def test_chair_judge_extraction_handles_negation_rules_do_not():
     assert details[1]["hallucinated"] == ["leash"] and judged["extractor"] == "judge"
 
 
+
+def test_chair_coco_scoring_uses_the_configured_matching():
+    lines = ["person, man, baby", "bus, minibus", "bird", "tie, bow tie"]
+    rows = [{"id": "a", "answer": "A baby bird near a bus and two ties.", "meta": json.dumps({"objects": ["bird", "bus"]})}]
+    by_mode = {}
+    for matching in ("rohrbach", "corrected", "table"):
+        info = {"source": "coco", "synonyms": chair.synonyms_from_lines(lines), "synonym_lines": lines,
+                "matching": matching}
+        metrics, details = chair.score(rows, info, "rules")
+        by_mode[matching] = details[0]["mentioned"]
+        assert metrics["matching"] == matching
+    assert by_mode == {"rohrbach": ["bird"],  # Pattern reads "bus" as "bu", "ties" as "ty"
+                       "corrected": ["bird", "bus", "tie"],
+                       "table": ["person", "bird", "bus", "tie"]}  # no baby-animal rule
+
+
 # ---------------------------------------------------------------------------------------------
 # Loaders: public formats (local and s3://)
 
@@ -341,7 +357,9 @@ def _metrics(chair_i: float, f1: float, mm: float, rel: float) -> dict:
     return {"benchmarks": {
         "chair": {"chair_s": 2 * chair_i, "chair_i": chair_i, "recall": 0.5, "n_mentions": 300},
         "pope": {"random": split, "adversarial": {**split, "f1": f1 - 0.1},
-                 "mean": {"accuracy": 0.5, "precision": 0.5, "recall": 0.5, "f1": f1 - 0.05, "yes_ratio": 0.5}},
+                 "mean": {"accuracy": 0.5, "precision": 0.5, "recall": 0.5, "f1": f1 - 0.05, "yes_ratio": 0.5},
+                 "strict": {"random": {**split, "f1": f1 - 0.2},
+                            "mean": {"accuracy": 0.4, "precision": 0.5, "recall": 0.5, "f1": f1 - 0.2, "yes_ratio": 0.4}}},
         "mmvet": {"total": mm, "per_capability": {"rec": mm, "spat": mm / 2}},
         "llava_bench": {"all": {"relative": rel}, "per_category": {"conv": {"relative": rel}}},
     }, "counts": {"chair": {"items": 3, "scored": 2, "failed": 1}}, "failures": {"chair": {"missing_image": 1}}}
@@ -363,6 +381,9 @@ def test_report_table_deltas_plots_and_json(tmp_path):
     assert got["CHAIR_i (Obj) ↓"] == "10.0 (−15.0)"
     assert got["CHAIR_s (Resp) ↓"] == "20.0 (−30.0)"
     assert got["POPE F1"] == "75.0 (+10.0)" and got["POPE F1 adv."] == "70.0 (+10.0)"
+    assert got["POPE F1 strict"] == "60.0 (+10.0)" and got["POPE acc strict"] == "40.0 (+0.0)"
+    assert "| bpo-both | random | official | 50.0 | 50.0 | 50.0 | 80.0 | 50.0 | 10 |" in markdown
+    assert "| bpo-both | random | strict | 50.0 | 50.0 | 50.0 | 60.0 | 50.0 | 10 |" in markdown
     assert got["MM-Vet"] == "30.0 (+5.0)" and got["LLaVA-Bench rel."] == "70.0 (+10.0)"
     base_row = next(line for line in markdown.splitlines() if line.startswith("| base |"))
     assert "(" not in base_row  # no delta against itself

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from bpo_ray.eval.chair import ObjectMentionExtractor, prior_typical_share, score_chair, synonyms_from_lines
-from bpo_ray.eval.pope import build_pope_probes, parse_yes_no, pope_metrics, score_pope
+from bpo_ray.eval.rohrbach import RohrbachExtractor, rohrbach_synonyms, treebank_tokenize
+from bpo_ray.eval.pope import build_pope_probes, parse_answer, parse_yes_no, pope_metrics, score_pope
 from bpo_ray.world import vocab
 from bpo_ray.world.corpus import prior_typical_partner
 
@@ -84,6 +85,73 @@ def test_chair_takes_a_coco_style_synonym_table() -> None:
     assert score_chair(["two men"], [{"man"}], synonyms).chair_i == 0.0
 
 
+# A few synonyms.txt lines written as the reference file writes them (two spaces after a comma on
+# the motorcycle and cake lines, a capitalised "iPhone").
+COCO_LINES = [
+    "person, girl, boy, man, woman, baby, adult, passenger, policeman, gentleman, grandchild, people",
+    "motorcycle, scooter,  motor bike, motor cycle", "airplane, plane, jet", "bus, minibus, trolley",
+    "train, locomotive", "elephant", "bird, duck", "dog, puppy, doggie", "tie, bow, bow tie",
+    "chair, seat, stool", "toilet, urinal", "cake,  cheesecake, cupcake", "cell phone, phone, iPhone",
+    "tennis racket, racket",
+]
+
+
+def _coco(text: str, mode: str) -> list[str]:
+    return RohrbachExtractor(COCO_LINES, mode=mode).caption_words(text).objects  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("mode", ["rohrbach", "corrected"])
+@pytest.mark.parametrize("caption, objects", [
+    ("A baby elephant next to an adult bird.", ["elephant", "bird"]),  # not persons
+    ("A baby and an adult.", ["person", "person"]),
+    ("A passenger jet and a passenger.", ["airplane", "person"]),
+    ("A toilet seat.", ["toilet"]),
+    ("The seat of the toilet, a stool.", ["toilet", "chair"]),  # every "seat" goes with a toilet
+    ("A seat.", ["chair"]),
+    ("Train tracks and a train track, then a train.", ["train"]),
+    ("Policemen, gentlemen and grandchildren.", ["person", "person", "person"]),
+    ("A man in a bow tie.", ["person", "tie"]),
+    ("There is no dog.", ["dog"]),  # negation is not detected, as in the paper
+])
+def test_rohrbach_deliberate_rules_hold_in_both_modes(caption: str, objects: list[str], mode: str) -> None:
+    assert _coco(caption, mode) == objects
+
+
+@pytest.mark.parametrize("caption, rohrbach, corrected", [
+    ("A bus next to a minibus.", [], ["bus", "bus"]),  # "bus" -> "bu" in Pattern
+    ("Two buses.", ["bus"], ["bus"]),
+    ("Two ties.", [], ["tie"]),  # Pattern: "ties" -> "ty"
+    ("Doggies.", [], ["dog"]),  # Pattern leaves "doggies" plural
+    ("A motor bike and a cheesecake.", [], ["motorcycle", "cake"]),  # leading-space forms
+    ("An iPhone.", [], ["cell phone"]),  # capitalised form
+    ("A tennis racket.", ["tennis racket"], ["tennis racket"]),
+])
+def test_corrected_mode_fixes_the_reference_defects(caption: str, rohrbach: list[str], corrected: list[str]) -> None:
+    assert _coco(caption, "rohrbach") == rohrbach
+    assert _coco(caption, "corrected") == corrected
+
+
+def test_rohrbach_synonyms_keep_stray_spaces_only_in_rohrbach_mode() -> None:
+    assert " motor bike" in rohrbach_synonyms(COCO_LINES) and "motor bike" not in rohrbach_synonyms(COCO_LINES)
+    assert rohrbach_synonyms(COCO_LINES, "corrected")["iphone"] == "cell phone"
+    assert rohrbach_synonyms(["bow, tie", "tie, bow"])["bow"] == "tie"  # a later line wins
+    with pytest.raises(ValueError, match="unknown CHAIR mode"):
+        rohrbach_synonyms(COCO_LINES, "strict")  # type: ignore[arg-type]
+
+
+def test_treebank_tokens_split_final_periods_of_each_sentence_only() -> None:
+    assert treebank_tokenize("a dog. a cat's bowl, (hot-dog) don't!") == [
+        "a", "dog", ".", "a", "cat", "'s", "bowl", ",", "(", "hot-dog", ")", "do", "n't", "!"]
+    assert treebank_tokenize("a dog.cat and 3,5 dogs:") == ["a", "dog.cat", "and", "3,5", "dogs", ":"]
+
+
+def test_score_chair_takes_a_rohrbach_extractor() -> None:
+    extractor = RohrbachExtractor(COCO_LINES)
+    report = score_chair(["A baby bird on a seat.", "A bus."], [{"bird"}, {"bus"}], extractor)
+    assert [item.mentioned for item in report.items] == [["bird", "chair"], []]
+    assert (report.chair_s, report.chair_i) == (0.5, 0.5)
+
+
 # ------------------------------------------------------------------------------------ POPE
 
 
@@ -104,6 +172,34 @@ def test_chair_takes_a_coco_style_synonym_table() -> None:
 )
 def test_parse_yes_no(answer: str, expected: str) -> None:
     assert parse_yes_no(answer) == expected
+
+
+@pytest.mark.parametrize(
+    "answer, official, strict",
+    [
+        ("There is a dog in the image.", "yes", "no"),  # no decision word: official "yes", strict "no"
+        ("Nope.", "yes", "no"),
+        ("I don't see any dog.", "yes", "no"),
+        ("NO", "yes", "no"),  # only "No", "no", "not" count
+        ("No!", "yes", "no"),
+        ("No, there is none.", "no", "no"),  # the comma is deleted first
+        ("Yes, but not the big one.", "no", "yes"),  # any "not" in the first sentence
+        ("Yes. It is not big.", "yes", "yes"),  # only the first sentence counts
+        ("The cup yes.", "yes", "yes"),  # the bias world's answers read the same under both
+        ("The cup no.", "no", "no"),
+    ],
+)
+def test_official_and_strict_parses(answer: str, official: str, strict: str) -> None:
+    assert (parse_answer(answer), parse_answer(answer, "strict")) == (official, strict)
+
+
+def test_score_pope_parse_is_named() -> None:
+    probes = [{"split": "random", "label": "yes"}, {"split": "random", "label": "no"}]
+    answers = ["There is a dog.", "Nope."]
+    assert score_pope(probes, answers)["random"].yes_ratio == 1.0
+    assert score_pope(probes, answers, "strict")["random"].yes_ratio == 0.0
+    with pytest.raises(ValueError, match="unknown POPE parse"):
+        score_pope(probes, answers, "lenient")  # type: ignore[arg-type]
 
 
 def test_parse_yes_no_default_is_configurable() -> None:

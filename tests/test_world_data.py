@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bpo_ray.eval.chair import ObjectMentionExtractor, score_chair
-from bpo_ray.eval.pope import parse_yes_no
+from bpo_ray.eval.pope import parse_pope_official, parse_yes_no
 from bpo_ray.world import vocab
 from bpo_ray.world.build import SPLITS, build_world
 from bpo_ray.world.corpus import build_corpus, partner_cooccurrence, prior_typical_partner
@@ -156,5 +156,6 @@ def test_corpus_is_deterministic_and_in_caption_style() -> None:
 def test_existence_answer_names_the_object_then_decides_and_flips(kind: str) -> None:
     yes, no = vocab.existence_answer(kind, True), vocab.existence_answer(kind, False)
     assert yes.split()[:2] == ["The", kind] and yes != no
-    assert (parse_yes_no(yes), parse_yes_no(no)) == ("yes", "no")
+    assert (parse_yes_no(yes), parse_yes_no(no)) == ("yes", "no")  # strict parse
+    assert (parse_pope_official(yes), parse_pope_official(no)) == ("yes", "no")  # POPE's own rule
     assert vocab.flip_existence_answer(yes) == no and vocab.flip_existence_answer(no) == yes

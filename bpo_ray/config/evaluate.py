@@ -27,6 +27,12 @@ class ChairSettings(StrictModel):
     captions: Optional[str] = Field(None, description="COCO captions_*.json; objects they name join the truth, as in CHAIR")
     images: Optional[str] = Field(None, description="directory (local or s3://) holding the COCO images")
     synonyms: Optional[str] = Field(None, description="CHAIR synonyms.txt ('canonical, synonym, ...' per line)")
+    matching: Literal["rohrbach", "corrected", "table"] = Field(
+        "rohrbach",
+        description="COCO object matching: 'rohrbach' = token for token as Rohrbach et al.'s utils/chair.py "
+        "(comparable with published CHAIR, defects included), 'corrected' = the same rules with its defects "
+        "fixed, 'table' = bpo-ray's synonym-table matcher (the one the bias world always uses)",
+    )
     prompts: Optional[list[str]] = Field(
         None, description="description prompts, cycled over images (default: world records' own prompts / 8 built-in)"
     )

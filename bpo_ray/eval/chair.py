@@ -8,20 +8,28 @@ Given a caption and the set of objects truly in the image:
 * CHAIR_s (sentence level, "Resp") = captions with >= 1 hallucinated object / all captions;
 * CHAIR_i (instance level, "Obj")  = hallucinated object mentions / all object mentions.
 
-Object mentions are found with a synonym table (surface form -> canonical object), a plain
-``dict[str, str]`` so the same code takes the bias world's table or COCO's 80-class one
-(``synonyms_from_lines`` reads the original ``synonyms.txt``). Matching is whole-word on lower-cased
-tokens, longest form first (so "hot dog" is not a dog, "dog leash" is a leash), and plural forms are
-generated for every surface form instead of lemmatizing the caption, since NLTK data is not
-available. As in the reference implementation, repeated mentions count each time and negation
-("there is no dog") is not detected.
+Object mentions are found by one of two matchers behind one interface (``MentionExtractor``):
+
+* ``ObjectMentionExtractor``: a synonym table (surface form -> canonical object), a plain
+  ``dict[str, str]``, so the same code takes the bias world's closed vocabulary or COCO's table
+  (``synonyms_from_lines`` reads the original ``synonyms.txt``). Matching is whole-word on
+  lower-cased tokens, longest form first (so "hot dog" is not a dog, "dog leash" is a leash), and
+  plural forms are generated for every surface form instead of lemmatizing the caption. The bias
+  world's CHAIR numbers come from this matcher.
+* ``bpo_ray.eval.rohrbach.RohrbachExtractor``: COCO captions matched token for token as the
+  reference implementation (LisaAnne/Hallucination ``utils/chair.py``) does, with its deliberate
+  rules ("baby bird" is a bird, "passenger jet" no person, "toilet seat" no chair, "train track"
+  no train) and, in ``mode="rohrbach"``, its defects ("bus" -> "bu"); ``mode="corrected"`` fixes them.
+
+As in the reference implementation, repeated mentions count each time and negation ("there is no
+dog") is not detected.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Collection, Iterable, Mapping, Sequence
+from typing import Collection, Iterable, Mapping, Protocol, Sequence, Union
 
 IRREGULAR_PLURALS: dict[str, str] = {
     "mouse": "mice", "knife": "knives", "person": "people", "man": "men", "woman": "women",
@@ -108,6 +116,15 @@ class ObjectMentionExtractor:
         return self.index.get(tuple(tokenize(name)), name)
 
 
+class MentionExtractor(Protocol):
+    """What CHAIR needs from an object matcher: ``ObjectMentionExtractor`` (any synonym table) or
+    ``bpo_ray.eval.rohrbach.RohrbachExtractor`` (COCO, as the reference implementation matches)."""
+
+    def extract(self, text: str) -> list[ObjectMention]: ...
+
+    def canonical(self, name: str) -> str: ...
+
+
 @dataclass
 class ChairItem:
     caption: str
@@ -154,7 +171,7 @@ class ChairReport:
 
 
 def score_caption(
-    caption: str, ground_truth: Collection[str], extractor: ObjectMentionExtractor, unique_mentions: bool = False
+    caption: str, ground_truth: Collection[str], extractor: MentionExtractor, unique_mentions: bool = False
 ) -> ChairItem:
     """CHAIR details of one caption. ``unique_mentions`` counts each object once per caption."""
     truth = sorted({extractor.canonical(name) for name in ground_truth})
@@ -168,14 +185,15 @@ def score_caption(
 def score_chair(
     captions: Sequence[str],
     ground_truths: Sequence[Collection[str]],
-    synonyms: Mapping[str, str],
+    synonyms: Union[Mapping[str, str], MentionExtractor],
     unique_mentions: bool = False,
 ) -> ChairReport:
     """CHAIR_s and CHAIR_i over captions, with per-caption details; ``ground_truths[i]`` is the
-    set of canonical objects in the image of ``captions[i]``."""
+    set of canonical objects in the image of ``captions[i]``. ``synonyms`` is a synonym table
+    (matched by ``ObjectMentionExtractor``) or a ready extractor such as Rohrbach's COCO rules."""
     if len(captions) != len(ground_truths):
         raise ValueError(f"{len(captions)} captions but {len(ground_truths)} ground-truth sets")
-    extractor = ObjectMentionExtractor(synonyms)
+    extractor = ObjectMentionExtractor(synonyms) if isinstance(synonyms, Mapping) else synonyms
     items = [score_caption(c, gt, extractor, unique_mentions) for c, gt in zip(captions, ground_truths)]
     return chair_report(items)
 

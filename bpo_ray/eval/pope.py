@@ -10,7 +10,16 @@ present, negatives are absent objects drawn three ways (one split each):
   prior partners of the present ones, as in the bias world, where co-occurrence in images is flat).
 
 Probes are balanced (as many negatives as positives per image). Scoring parses yes/no from free text
-and reports accuracy, precision, recall, F1 (positive class "yes") and the yes-ratio per split.
+and reports accuracy, precision, recall, F1 (positive class "yes") and the yes-ratio per split, with
+the formulas of POPE's ``evaluate.py``.
+
+Two parses (``POPE_PARSES``):
+
+* ``official`` (default): RUCAIBox/POPE ``evaluate.py`` exactly (``parse_pope_official``), so numbers
+  compare with published POPE tables. Its known weaknesses are kept: "Nope.", "NO", "No!",
+  "I don't see any dog" and "There isn't one" read as "yes".
+* ``strict``: bpo-ray's own reading (``parse_yes_no``): the first yes/no word decides, then a
+  negation means "no", and an answer with neither ("There is a dog.") counts "no".
 """
 
 from __future__ import annotations
@@ -19,9 +28,11 @@ import random
 import re
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Collection, Mapping, Sequence
+from typing import Any, Collection, Literal, Mapping, Sequence
 
 POPE_SPLITS: tuple[str, ...] = ("random", "popular", "adversarial")
+PopeParse = Literal["official", "strict"]
+POPE_PARSES: tuple[str, ...] = ("official", "strict")
 
 _WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
 _YES_WORDS = frozenset({"yes", "yeah", "yep", "yup"})
@@ -127,12 +138,20 @@ def build_pope_probes(
     return probes
 
 
-def parse_yes_no(answer: str, default: str = "no") -> str:
-    """'yes' or 'no' from a free-text answer: the first yes/no word decides.
+def parse_pope_official(answer: str) -> str:
+    """'yes' or 'no' exactly as RUCAIBox/POPE ``evaluate.py`` reads an answer: keep the text before
+    the first ".", delete commas, split on single spaces, and answer "no" when a piece is exactly
+    "No", "no" or "not"; anything else is "yes" (so "Nope.", "NO", "No!" and "isn't" are "yes")."""
+    first = answer.split(".")[0]
+    pieces = first.replace(",", "").split(" ")
+    return "no" if any(piece in ("No", "no", "not") for piece in pieces) else "yes"
 
-    Without one, a negation ("There is not a dog") means "no"; otherwise ``default``. POPE's own
-    script instead answers "no" when the first sentence contains "no"/"not" anywhere and "yes"
-    otherwise; pass ``default="yes"`` to get closer to it for answers without a yes/no word.
+
+def parse_yes_no(answer: str, default: str = "no") -> str:
+    """'yes' or 'no' from a free-text answer, bpo-ray's strict parse: the first yes/no word decides.
+
+    Without one, a negation ("There is not a dog", "I don't see one") means "no"; otherwise
+    ``default``. Unlike ``parse_pope_official``, "Nope." is "no" and "There is a dog." is not "yes".
     """
     words = _WORD.findall(answer.lower().replace("\u2019", "'"))
     for word in words:
@@ -143,6 +162,15 @@ def parse_yes_no(answer: str, default: str = "no") -> str:
     if any(word in _NEGATIONS or word.endswith("n't") for word in words):
         return "no"
     return default
+
+
+def parse_answer(answer: str, parse: PopeParse = "official") -> str:
+    """'yes' or 'no' by the named parse (``official`` POPE rule or bpo-ray's ``strict`` one)."""
+    if parse == "official":
+        return parse_pope_official(answer)
+    if parse == "strict":
+        return parse_yes_no(answer)
+    raise ValueError(f"unknown POPE parse {parse!r}; choose from {POPE_PARSES}")
 
 
 @dataclass(frozen=True)
@@ -185,14 +213,16 @@ def pope_metrics(labels: Sequence[str], predictions: Sequence[str]) -> PopeScore
     )
 
 
-def score_pope(probes: Sequence[Mapping[str, Any]], answers: Sequence[str], default: str = "no") -> dict[str, PopeScores]:
-    """Metrics per split, in ``POPE_SPLITS`` order, for free-text ``answers[i]`` to ``probes[i]``."""
+def score_pope(probes: Sequence[Mapping[str, Any]], answers: Sequence[str],
+               parse: PopeParse = "official") -> dict[str, PopeScores]:
+    """Metrics per split, in ``POPE_SPLITS`` order, for free-text ``answers[i]`` to ``probes[i]``,
+    each answer read by ``parse``."""
     if len(probes) != len(answers):
         raise ValueError(f"{len(probes)} probes but {len(answers)} answers")
     by_split: dict[str, tuple[list[str], list[str]]] = {}
     for probe, answer in zip(probes, answers):
         labels, predictions = by_split.setdefault(probe["split"], ([], []))
         labels.append(probe["label"])
-        predictions.append(parse_yes_no(answer, default))
+        predictions.append(parse_answer(answer, parse))
     order = [s for s in POPE_SPLITS if s in by_split] + [s for s in by_split if s not in POPE_SPLITS]
     return {split: pope_metrics(*by_split[split]) for split in order}

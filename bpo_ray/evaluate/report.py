@@ -48,6 +48,8 @@ HEADLINE: tuple[Column, ...] = (
     Column("POPE F1", _at("pope", "mean", "f1", scale=100)),
     Column("POPE F1 adv.", _at("pope", "adversarial", "f1", scale=100)),
     Column("POPE yes %", _at("pope", "mean", "yes_ratio", scale=100)),
+    Column("POPE acc strict", _at("pope", "strict", "mean", "accuracy", scale=100)),
+    Column("POPE F1 strict", _at("pope", "strict", "mean", "f1", scale=100)),
     Column("MM-Vet", _at("mmvet", "total")),
     Column("LLaVA-Bench rel.", _at("llava_bench", "all", "relative")),
 )
@@ -139,12 +141,17 @@ def markdown_report(results: Mapping[str, Any], baseline: Optional[str] = None, 
     pope_rows = []
     for name, m in results.items():
         pope = m.get("benchmarks", {}).get("pope") or {}
-        for split in ("random", "popular", "adversarial"):
-            s = pope.get(split)
-            if s:
-                pope_rows.append([name, split] + [f"{100 * s[k]:.1f}" for k in ("accuracy", "precision", "recall", "f1", "yes_ratio")] + [str(s["n"])])
+        for parse, by_split in (("official", pope), ("strict", pope.get("strict") or {})):
+            for split in ("random", "popular", "adversarial"):
+                s = by_split.get(split)
+                if s:
+                    pope_rows.append([name, split, parse] + [f"{100 * s[k]:.1f}" for k in (
+                        "accuracy", "precision", "recall", "f1", "yes_ratio")] + [str(s["n"])])
     if pope_rows:
-        parts += ["## POPE by split", "", _table(["Model", "Split", "Acc", "Prec", "Rec", "F1", "Yes %", "n"], pope_rows), ""]
+        parts += ["## POPE by split", "", "Parse *official*: RUCAIBox/POPE evaluate.py's rule (first sentence; "
+                  "\"no\" only for the word No/no/not). *strict*: bpo-ray's parse (first yes/no word, then "
+                  "negations; neither counts \"no\").", "",
+                  _table(["Model", "Split", "Parse", "Acc", "Prec", "Rec", "F1", "Yes %", "n"], pope_rows), ""]
 
     caps = _union_keys(results, "mmvet", "per_capability")
     if caps:

@@ -144,7 +144,8 @@ def existence_answer(kind: str, present: bool) -> str:
     from the object word to the image tokens can decide it. A tiny LM does not learn the two-step
     circuit (carry the asked word forward, then look it up) within the alignment budget: trained
     to answer a bare "Yes."/"No." (or "The cup: yes.") it answers at chance.
-    ``bpo_ray.eval.pope.parse_yes_no`` reads the decision from the first yes/no word.
+    Both POPE parses read it: the official rule (``parse_pope_official``: "no" only for the word
+    "no") and the strict one (``parse_yes_no``: the first yes/no word).
     """
     return f"The {kind} {'yes' if present else 'no'}."
 

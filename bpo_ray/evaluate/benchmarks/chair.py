@@ -18,8 +18,9 @@ from typing import Any, Mapping, Optional, Sequence
 
 from bpo_ray import storage
 from bpo_ray.config.evaluate import ChairSettings
-from bpo_ray.eval.chair import (ChairItem, ChairReport, ObjectMentionExtractor, chair_report, prior_typical_share,
-                                 score_chair, synonyms_from_lines)
+from bpo_ray.eval.chair import (ChairItem, MentionExtractor, ObjectMentionExtractor, chair_report,
+                                 prior_typical_share, score_chair, synonyms_from_lines)
+from bpo_ray.eval.rohrbach import RohrbachExtractor
 from bpo_ray.evaluate.items import EvalItem, LoadedBenchmark, row_meta
 from bpo_ray.evaluate.judge import JudgeProtocol, JudgeRequest
 from bpo_ray.evaluate.sources import BenchmarkDataError, first_human_turn, load_world_split, read_json
@@ -81,7 +82,7 @@ def load_world(world_dir: str, settings: ChairSettings, max_items: Optional[int]
 
 
 def coco_truth(instances: Mapping[str, Any], captions: Optional[Mapping[str, Any]],
-               extractor: ObjectMentionExtractor) -> tuple[dict[int, str], dict[int, set[str]]]:
+               extractor: MentionExtractor) -> tuple[dict[int, str], dict[int, set[str]]]:
     """``(file name per image id, canonical objects per image id)`` from COCO annotations.
 
     As CHAIR does, the truth is the segmentation categories plus objects the human captions name.
@@ -98,20 +99,31 @@ def coco_truth(instances: Mapping[str, Any], captions: Optional[Mapping[str, Any
     return files, truth
 
 
+def make_extractor(info: Mapping[str, Any]) -> MentionExtractor:
+    """The matcher a loaded CHAIR benchmark was built with: the synonym table (bias world, or COCO
+    with ``matching: table``) or Rohrbach's COCO rules over the ``synonyms.txt`` lines."""
+    matching = info.get("matching", "table")
+    if matching == "table":
+        return ObjectMentionExtractor(info["synonyms"])
+    return RohrbachExtractor(info["synonym_lines"], mode=matching)
+
+
 def load_coco(settings: ChairSettings, max_items: Optional[int]) -> LoadedBenchmark:
-    """COCO images with instances (+ captions) annotations and CHAIR's synonyms.txt."""
+    """COCO images with instances (+ captions) annotations and CHAIR's synonyms.txt (without it,
+    the category names are the vocabulary), matched as ``settings.matching`` says."""
     instances = read_json(settings.instances)
     captions = read_json(settings.captions) if settings.captions else None
     if settings.synonyms:
-        synonyms = synonyms_from_lines(storage.read_text(settings.synonyms).splitlines())
+        lines = storage.read_text(settings.synonyms).splitlines()
     else:
-        synonyms = {c["name"]: c["name"] for c in instances.get("categories", [])}
+        lines = [c["name"] for c in instances.get("categories", [])]
+    synonyms = synonyms_from_lines(lines)
     if not synonyms:
         raise BenchmarkDataError(f"{settings.instances}: no categories and no synonyms file")
-    extractor = ObjectMentionExtractor(synonyms)
-    files, truth = coco_truth(instances, captions, extractor)
+    info = {"source": "coco", "synonyms": synonyms, "synonym_lines": lines, "matching": settings.matching}
+    files, truth = coco_truth(instances, captions, make_extractor(info))
     prompts = settings.prompts or list(DESCRIPTION_PROMPTS)
-    loaded = LoadedBenchmark(NAME, [], {"source": "coco", "synonyms": synonyms})
+    loaded = LoadedBenchmark(NAME, [], info)
     for image_id in sorted(files):
         if not truth.get(image_id):
             loaded.skip("no_objects", {"image_id": image_id, "file_name": files[image_id]})
@@ -157,7 +169,7 @@ OBJECT_LIST_JUDGE = JudgeProtocol(build=object_list_request, parse=parse_object_
 # Scorer
 
 
-def judged_item(listed: Sequence[str], ground_truth: Sequence[str], extractor: ObjectMentionExtractor) -> ChairItem:
+def judged_item(listed: Sequence[str], ground_truth: Sequence[str], extractor: MentionExtractor) -> ChairItem:
     """CHAIR details from the judge's object list: each listed name is matched on its own (joining
     them would let "dog", "leash" read as the phrase "dog leash"); names outside the vocabulary
     are dropped, as CHAIR ignores words that are not objects it knows."""
@@ -169,18 +181,19 @@ def judged_item(listed: Sequence[str], ground_truth: Sequence[str], extractor: O
 def score(rows: Sequence[Mapping[str, Any]], info: Mapping[str, Any], extractor_mode: str = "rules") -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """CHAIR over answered rows; returns ``(metrics, per-item details)``.
 
-    ``rules``: mentions found in the answer with the synonym table (``score_chair``). ``judge``:
-    the objects the judge listed (each row's ``judge_value``), mapped through the same table.
+    ``rules``: mentions found in the answer by the benchmark's matcher (``make_extractor``: the
+    synonym table, or Rohrbach's COCO rules). ``judge``: the objects the judge listed (each row's
+    ``judge_value``), mapped through the same matcher.
     """
-    synonyms = info["synonyms"]
     truths = [row_meta(row)["objects"] for row in rows]
+    extractor = make_extractor(info)
     if extractor_mode == "judge":
-        extractor = ObjectMentionExtractor(synonyms)
         report = chair_report([judged_item(json.loads(row["judge_value"]), truth, extractor)
                                for row, truth in zip(rows, truths)])
     else:
-        report = score_chair([row["answer"] for row in rows], truths, synonyms)
-    metrics: dict[str, Any] = {**report.summary(), "extractor": extractor_mode}
+        report = score_chair([row["answer"] for row in rows], truths, extractor)
+    metrics: dict[str, Any] = {**report.summary(), "extractor": extractor_mode,
+                               "matching": info.get("matching", "table")}
     partners = info.get("prior_partners")
     if partners:
         metrics["prior_typical_share"] = prior_typical_share(report.items, partners)

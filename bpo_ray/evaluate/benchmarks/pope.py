@@ -12,7 +12,7 @@ from dataclasses import asdict
 from typing import Any, Mapping, Optional, Sequence
 
 from bpo_ray.config.evaluate import PopeSettings
-from bpo_ray.eval.pope import POPE_SPLITS, build_pope_probes, parse_yes_no, score_pope
+from bpo_ray.eval.pope import POPE_SPLITS, PopeScores, build_pope_probes, parse_answer, score_pope
 from bpo_ray.evaluate.items import EvalItem, LoadedBenchmark, row_meta
 from bpo_ray.evaluate.sources import load_world_split, read_records
 from bpo_ray.images import resolve_image_uri
@@ -76,15 +76,25 @@ def load_official(settings: PopeSettings, max_items: Optional[int]) -> LoadedBen
     return loaded
 
 
-def score(rows: Sequence[Mapping[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Per-split accuracy/precision/recall/F1/yes-ratio plus their mean over the splits present."""
-    probes = [{"split": row_meta(r)["split"], "label": row_meta(r)["label"]} for r in rows]
-    answers = [r["answer"] for r in rows]
-    by_split = score_pope(probes, answers)
+def _split_metrics(by_split: Mapping[str, PopeScores]) -> dict[str, Any]:
     metrics: dict[str, Any] = {split: asdict(scores) for split, scores in by_split.items()}
     if by_split:
         metrics["mean"] = {k: sum(getattr(s, k) for s in by_split.values()) / len(by_split) for k in SUMMARY_KEYS}
-    details = [{"id": r["id"], "label": p["label"], "prediction": parse_yes_no(a)} for r, p, a in zip(rows, probes, answers)]
+    return metrics
+
+
+def score(rows: Sequence[Mapping[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Per-split accuracy/precision/recall/F1/yes-ratio plus their mean over the splits present.
+
+    The top level reads answers with POPE's official rule (``parse: official``, comparable with
+    published tables); ``strict`` holds the same metrics under bpo-ray's strict parse.
+    """
+    probes = [{"split": row_meta(r)["split"], "label": row_meta(r)["label"]} for r in rows]
+    answers = [r["answer"] for r in rows]
+    metrics: dict[str, Any] = {**_split_metrics(score_pope(probes, answers, "official")), "parse": "official",
+                               "strict": _split_metrics(score_pope(probes, answers, "strict"))}
+    details = [{"id": r["id"], "label": p["label"], "prediction": parse_answer(a, "official"),
+                "prediction_strict": parse_answer(a, "strict")} for r, p, a in zip(rows, probes, answers)]
     return metrics, details
 
 
