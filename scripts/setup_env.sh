@@ -7,9 +7,12 @@ cd "$(dirname "$0")/.."
 flavour="${1:-${BPO_STACK:-cpu}}"
 venv="${BPO_VENV:-.venv}"
 req="requirements/${flavour}.txt"
+lock="requirements/${flavour}.lock"   # exact versions of the whole stack, where measured (cpu)
 [ -f "$req" ] || { echo "setup: no requirements file $req (use cpu or gpu)" >&2; exit 2; }
+constraints=()
+[ -f "$lock" ] && constraints=(-c "$lock")
 
-stamp_of() { cat "$req" pyproject.toml scripts/setup_env.sh scripts/patch_torchvision.py | sha256sum | cut -c1-16; }
+stamp_of() { cat "$req" $( [ -f "$lock" ] && echo "$lock" ) pyproject.toml scripts/setup_env.sh scripts/patch_torchvision.py | sha256sum | cut -c1-16; }
 want="$flavour-$(stamp_of)"
 if [ -f "$venv/.bpo-stamp" ] && [ "$(cat "$venv/.bpo-stamp")" = "$want" ]; then
   exit 0
@@ -28,7 +31,7 @@ pip_run() {
   if [ "$rc" -ne 0 ]; then echo "setup: pip $* failed (exit $rc)" >&2; exit "$rc"; fi
 }
 pip_run install -q --upgrade pip
-pip_run install -q -r "$req"
+pip_run install -q -r "$req" "${constraints[@]}"
 pip_run install -q --no-deps -e .
 if [ "$flavour" = cpu ]; then
   # PyPI's torchaudio/torchcodec are CUDA-linked and break imports beside +cpu torch;
