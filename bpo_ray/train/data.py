@@ -4,7 +4,8 @@ The driver validates once before any worker starts: the pairs must match ``PAIR_
 non-empty, and every image they name must exist. Pairs whose prompt alone exceeds
 ``max_length`` are dropped and listed (never silently). Workers then read the same Parquet
 files and take their slice of a seeded per-epoch order, so a run resumed from a checkpoint, on
-any number of workers, continues at the exact position it stopped.
+any number of workers, continues at the exact position it stopped. With ``train.validation`` on,
+some kept pairs are held out of training by a hash of their id (``held_out_rows``).
 """
 
 from __future__ import annotations
