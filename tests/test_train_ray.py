@@ -343,7 +343,7 @@ def test_validation_metrics_collapse_warning_and_best_adapter(validation_run):
     assert [r["step"] for r in validated] == [2, 4, 5]
     assert _records_by_attempt(out)[0][0]["held_out_pairs"] == 9
     for r in validated:
-        assert r["val_pairs"] == 9 and 0 <= r["val_reward_accuracy"] <= 1
+        assert r["val_pairs"] == 9 and 0 <= r["val_reward_accuracy"] <= 1 and r["val_time_s"] > 0
         assert r["val_chosen_logp_delta"] == pytest.approx(r["val_chosen_logp"] - r["val_ref_chosen_logp"])
         assert r["val_collapse"] == (r["val_chosen_logp_delta"] < -7.0)  # exactly "fell past the margin"
     assert {r["val_collapse"] for r in validated} == {True, False}  # fired at some steps, not at others
