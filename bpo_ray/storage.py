@@ -150,6 +150,13 @@ def upload_dir(local_dir: str | Path, uri: str) -> None:
             write_bytes(join(uri, str(p.relative_to(local_dir))), p.read_bytes())
 
 
+def copy_tree(src_uri: str, dst_uri: str) -> None:
+    """Copy every file below ``src_uri`` to the same relative path below ``dst_uri`` (any schemes)."""
+    fs, path = filesystem(src_uri)
+    for rel, _ in _files_below(fs, path):
+        write_bytes(join(dst_uri, rel), read_bytes(join(src_uri, rel)))
+
+
 def localize(uri: str, cache_dir: str = "~/.cache/bpo-ray/models") -> str:
     """A local directory holding ``uri``'s files: the path itself if local, else a cached copy.
 

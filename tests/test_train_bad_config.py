@@ -40,6 +40,15 @@ def _train(capsys, tiny_models, pairs: str, out: str, *overrides: str) -> tuple[
     ("train.zero_stage=4", "ZeRO stage 4 does not exist"),
     ("train.loss=conservative", "needs label_smoothing in (0, 0.5)"),
     ("train.precision=bf16", "bf16 needs use_gpu"),
+    ("train.validation.fraction=1.5", "'train.validation.fraction' = 1.5: Input should be less than 1"),
+    ("train.validation.n_pairs=0", "'train.validation.n_pairs' = 0"),
+    ("train.validation.every_steps=0", "'train.validation.every_steps' = 0"),
+    ("train.validation.metric=accuracy", "'train.validation.metric' = 'accuracy'"),
+    ("train.validation.mode=highest", "'train.validation.mode' = 'highest'"),
+    ("train.validation.chosen_drop_warn=-1", "'train.validation.chosen_drop_warn' = -1"),
+    ("train.validation={fraction: 0.1, n_pairs: 4}", "set fraction (0.1) or n_pairs (4), not both"),
+    ("train.validation={chosen_drop_warn: 3, chosen_drop_stop: 1}", "chosen_drop_stop (1.0) is below chosen_drop_warn"),
+    ("train.validation.every_step=5", "unknown key 'train.validation.every_step' (did you mean 'train.validation.every_steps'?)"),
 ])
 def test_bad_values_fail_at_config_load(override, needle):
     with pytest.raises(ConfigError) as info:
@@ -149,3 +158,8 @@ def test_unknown_strategy_is_a_config_error():
     with pytest.raises(ConfigError) as info:
         load_config("tiny", ["train.strategies=[image_weakend]"])
     assert "train.strategies" in str(info.value)
+
+
+def test_holding_out_every_pair_is_an_error(capsys, tiny_models, good_pairs, tmp_path):
+    rc, err = _train(capsys, tiny_models, good_pairs, str(tmp_path / "o"), "train.validation.n_pairs=8")
+    assert rc == 2 and "train.validation holds out 8 of the 8 usable pairs, leaving none to train on" in err

@@ -280,3 +280,100 @@ def test_adapter_loads_in_transformers_and_vllm(zero2_run, sft_run, tiny_models)
     # trailing partial UTF-8 byte of a random-init model's output differently)
     assert list(dpo.token_ids) == hf_ids.tolist(), (dpo.text, hf_text)
     assert dpo.cumulative_logprob != pytest.approx(plain.cumulative_logprob, abs=1e-3)
+
+
+@pytest.fixture(scope="module")
+def validation_run(ray_cluster, tiny_models, pairs, tmp_path_factory) -> dict:
+    """ZeRO-3, 2 workers, reference = adapter off, 9 pairs held out (shares of 5 and 4: worker 1 runs
+    one throwaway batch, so both run the same collectives). 23 training pairs x 2 epochs / 8 per
+    step = 5 steps; validated at 2, 4 and 5 (the last); a checkpoint at every step so each validated
+    step's adapter can be compared. The best step is the one whose held-out chosen log-prob moved
+    least. Here the held-out chosen log-prob fell 6.4 nats by step 2 and 8.1-8.2 by steps 4-5, so
+    a 7-nat margin warns at some validations and not at others."""
+    out = str(tmp_path_factory.mktemp("validation"))
+    result = run_training(_cfg(tiny_models, "train.zero_stage=3", "train.epochs=2", "train.checkpoint_every=1",
+                               "train.checkpoints_to_keep=10", "train.validation.n_pairs=9",
+                               "train.validation.every_steps=2", "train.validation.metric=chosen_logp_delta",
+                               "train.validation.chosen_drop_warn=7.0"), pairs["dir"], out)
+    return {"out": out, "result": result}
+
+
+@pytest.fixture(scope="module")
+def collapse_stop_run(ray_cluster, tiny_models, pairs, tmp_path_factory) -> dict:
+    """1 worker, ZeRO-2, a quarter of the pairs held out; a 3-nat stop margin stops the run at its
+    first validation (step 2 of 6)."""
+    out = str(tmp_path_factory.mktemp("validation_stop"))
+    result = run_training(_cfg(tiny_models, "train.zero_stage=2", "train.num_workers=1", "train.per_device_batch_size=8",
+                               "train.epochs=2", "train.validation.fraction=0.25", "train.validation.every_steps=2",
+                               "train.validation.chosen_drop_warn=1.0", "train.validation.chosen_drop_stop=3.0"),
+                          pairs["dir"], out)
+    return {"out": out, "result": result}
+
+
+def _adapter_tensors(path: str) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(path, "adapter_model.safetensors"))
+
+
+def _checkpoint_adapter(out: str, step: int) -> str:
+    from bpo_ray.train.loop import CHECKPOINTS_DIR
+
+    for name in sorted(os.listdir(os.path.join(out, CHECKPOINTS_DIR))):
+        state = os.path.join(out, CHECKPOINTS_DIR, name, "state.json")
+        if os.path.exists(state) and json.load(open(state))["step"] == step:
+            return os.path.join(out, CHECKPOINTS_DIR, name, "adapter")
+    raise AssertionError(f"no checkpoint of step {step}")
+
+
+def _same_tensors(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_validation_metrics_collapse_warning_and_best_adapter(validation_run):
+    from bpo_ray.train.data import read_pairs
+
+    out, result = validation_run["out"], validation_run["result"]
+    assert result.steps == 5
+    held_out = json.loads(open(os.path.join(out, "validation", "held_out_pairs.json")).read())
+    trained = read_pairs(result.prepared.uri).take(result.prepared.keep).column("id").to_pylist()
+    assert len(held_out) == 9 and len(trained) == 23 and set(held_out).isdisjoint(trained)
+    records = read_metrics(os.path.join(out, "metrics.jsonl"))
+    validated = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in validated] == [2, 4, 5]
+    assert _records_by_attempt(out)[0][0]["held_out_pairs"] == 9
+    for r in validated:
+        assert r["val_pairs"] == 9 and 0 <= r["val_reward_accuracy"] <= 1 and r["val_time_s"] > 0
+        assert r["val_chosen_logp_delta"] == pytest.approx(r["val_chosen_logp"] - r["val_ref_chosen_logp"])
+        assert r["val_collapse"] == (r["val_chosen_logp_delta"] < -7.0)  # exactly "fell past the margin"
+    assert {r["val_collapse"] for r in validated} == {True, False}  # fired at some steps, not at others
+    assert result.validation["collapse_steps"] == [r["step"] for r in validated if r["val_collapse"]]
+    # the reference is the adapter switched off: the same held-out reference log-probs every time
+    assert len({round(r["val_ref_chosen_logp"], 3) for r in validated}) == 1
+    # the exported adapter is the best step's (chosen log-prob moved least); the last is kept too
+    best = max(validated, key=lambda r: r["val_chosen_logp_delta"])
+    summary = result.validation
+    assert (summary["adapter"], summary["adapter_step"], summary["mode"], summary["last_step"]) == \
+        ("best", best["step"], "max", 5)
+    assert summary["adapter_metric_value"] == pytest.approx(best["val_chosen_logp_delta"])
+    assert read_manifest(os.path.join(out, "manifest.json")).config["validation"] == summary
+    assert records[-1]["val_best_step"] == best["step"]
+    exported, last = _adapter_tensors(os.path.join(out, "adapter")), _adapter_tensors(os.path.join(out, "adapter_last"))
+    assert _same_tensors(exported, _adapter_tensors(_checkpoint_adapter(out, best["step"])))
+    assert _same_tensors(last, _adapter_tensors(_checkpoint_adapter(out, 5)))
+    assert best["step"] != 5 and not _same_tensors(exported, last)
+    assert sorted(os.listdir(os.path.join(out, "validation"))) == [f"best-step-{best['step']:06d}", "best.json",
+                                                                 "held_out_pairs.json"]
+    manifest = read_manifest(os.path.join(out, "manifest.json"))
+    assert manifest.counts.by_reason == {"prompt_too_long": 1, "held_out": 9} and manifest.counts.paired == 23
+
+
+def test_validation_stops_a_collapsing_run(collapse_stop_run):
+    out, result = collapse_stop_run["out"], collapse_stop_run["result"]
+    records = read_metrics(os.path.join(out, "metrics.jsonl"))
+    assert [r["step"] for r in records] == [1, 2] and result.steps == 2  # of 6
+    assert records[-1]["stopped"] == "collapse" and records[-1]["val_collapse"]
+    assert records[-1]["val_chosen_logp_delta"] < -3.0 and records[-1]["val_pairs"] == 8
+    assert result.validation["stopped_at_step"] == 2 and result.validation["adapter_step"] == 2
+    # stopped with a checkpoint and an exported adapter, like a finished run
+    assert _same_tensors(_adapter_tensors(os.path.join(out, "adapter")), _adapter_tensors(_checkpoint_adapter(out, 2)))

@@ -27,6 +27,50 @@ class LoraConfig(StrictModel):
     train_projector: bool = False
 
 
+VALIDATION_METRICS = {"reward_accuracy": "max", "reward_margin": "max", "loss": "min", "chosen_logp_delta": "max"}
+
+
+class ValidationConfig(StrictModel):
+    """Held-out pairs evaluated during training (docs/train.md, "Validation and collapse").
+
+    Off unless ``fraction`` or ``n_pairs`` is set; then those pairs (chosen by a hash of their id,
+    the same on every run and resume) are left out of training and evaluated every ``every_steps``
+    optimizer steps and at the last step.
+    """
+
+    fraction: float = Field(0.0, ge=0, lt=1, description="share of the kept pairs held out (0: off)")
+    n_pairs: Optional[int] = Field(None, ge=1, description="or: this many pairs held out")
+    seed: int = Field(0, description="salt of the id hash that picks the held-out pairs")
+    every_steps: int = Field(10, ge=1)
+    metric: Literal["reward_accuracy", "reward_margin", "loss", "chosen_logp_delta"] = "reward_accuracy"
+    mode: Optional[Literal["max", "min"]] = Field(None, description="better is max or min; default by metric "
+                                                  "(loss: min, the others: max)")
+    keep_best: bool = Field(True, description="export the best validated adapter as OUT/adapter "
+                            "(the last one goes to OUT/adapter_last)")
+    chosen_drop_warn: Optional[float] = Field(2.0, gt=0, description="warn when the held-out chosen log-prob "
+                                              "falls this many nats (mean per pair) below the reference")
+    chosen_drop_stop: Optional[float] = Field(None, gt=0, description="stop training (checkpoint and export) "
+                                              "when it falls this far")
+
+    @property
+    def enabled(self) -> bool:
+        return self.fraction > 0 or self.n_pairs is not None
+
+    @property
+    def direction(self) -> str:
+        return self.mode or VALIDATION_METRICS[self.metric]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ValidationConfig":
+        if self.fraction > 0 and self.n_pairs is not None:
+            raise ValueError(f"set fraction ({self.fraction}) or n_pairs ({self.n_pairs}), not both")
+        if self.chosen_drop_stop is not None and self.chosen_drop_warn is not None \
+                and self.chosen_drop_stop < self.chosen_drop_warn:
+            raise ValueError(f"chosen_drop_stop ({self.chosen_drop_stop}) is below chosen_drop_warn "
+                             f"({self.chosen_drop_warn}): training would stop before it warns")
+        return self
+
+
 class TrainConfig(StrictModel):
     mode: Literal["dpo", "sft"] = "dpo"
     loss: Literal["sigmoid", "ipo", "hinge", "conservative"] = "sigmoid"
@@ -62,6 +106,7 @@ class TrainConfig(StrictModel):
         None, description="train only on image-weakened pairs from these diffusion steps (null: all); the paper's "
         "Table 5 ablation without weakening is [0]. Other strategies' pairs are kept")
     deepspeed_config: Optional[str] = Field(None, description="DeepSpeed JSON; default cluster/deepspeed/zero<stage>.json")
+    validation: ValidationConfig = ValidationConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainConfig":

@@ -37,6 +37,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if cfg.train.mode == "dpo":
         summary += f", reward accuracy {m.get('reward_accuracy', float('nan')):.2f}, reference {result.reference}"
     print(f"bpo-ray train: {result.steps} steps ({summary}) in {result.wall_s:.1f} s; adapter at {result.adapter}")
+    v = result.validation
+    if v:
+        value = v["adapter_metric_value"]
+        print(f"bpo-ray train: adapter = {v['adapter']} validated step {v['adapter_step']} ({v['metric']} "
+              f"{'n/a' if value is None else f'{value:.4f}'} on {v['held_out_pairs']} held-out pairs)")
+        if v["collapse_steps"]:
+            stopped = f"; stopped at step {v['stopped_at_step']}" if v["stopped_at_step"] else ""
+            print(f"bpo-ray train: WARNING collapse: the held-out chosen log-prob fell past "
+                  f"train.validation.chosen_drop_warn at steps {v['collapse_steps']}{stopped} (metrics.jsonl: val_collapse)",
+                  file=sys.stderr)
     return 0
 
 

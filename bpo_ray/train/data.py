@@ -4,7 +4,8 @@ The driver validates once before any worker starts: the pairs must match ``PAIR_
 non-empty, and every image they name must exist. Pairs whose prompt alone exceeds
 ``max_length`` are dropped and listed (never silently). Workers then read the same Parquet
 files and take their slice of a seeded per-epoch order, so a run resumed from a checkpoint, on
-any number of workers, continues at the exact position it stopped.
+any number of workers, continues at the exact position it stopped. With ``train.validation`` on,
+some kept pairs are held out of training by a hash of their id (``held_out_rows``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import pyarrow as pa
 from PIL import Image
 
 from bpo_ray import storage
+from bpo_ray.config.train import ValidationConfig
 from bpo_ray.images import ImageError, load_image
 from bpo_ray.models.prompts import IMAGE_TOKEN
 from bpo_ray.schemas import PAIR_SCHEMA, SchemaError, read_parquet
@@ -93,11 +95,25 @@ class PreparedPairs:
     keep: list[int]
     dropped: dict[str, list[str]] = field(default_factory=dict)  # reason -> pair ids
     reference: bool = False
+    held_out: list[int] = field(default_factory=list)  # validation rows, never trained on
+    held_out_ids: list[str] = field(default_factory=list)
+
+
+def held_out_rows(ids: Sequence[str], rows: Sequence[int], n: int, seed: int) -> list[int]:
+    """The ``n`` of ``rows`` whose pair ids hash lowest (salted with ``seed``), in row order.
+
+    A pair's place depends on its id alone, so the same pairs are held out on every run, resume
+    and worker count, whatever order the Parquet files list them in.
+    """
+    def rank(i: int) -> tuple[bytes, int]:
+        return hashlib.sha256(f"bpo-ray-validation:{seed}:{ids[i]}".encode()).digest(), i
+
+    return sorted(sorted(rows, key=rank)[:n])
 
 
 def prepare_pairs(
     uri: str, processor, max_length: int, check_images: bool = True, strategies: Optional[Sequence[str]] = None,
-    noise_steps: Optional[Sequence[int]] = None,
+    noise_steps: Optional[Sequence[int]] = None, validation: Optional[ValidationConfig] = None,
 ) -> PreparedPairs:
     """Validate the pairs at ``uri`` for training; see the module docstring for the checks.
 
@@ -105,6 +121,7 @@ def prepare_pairs(
     single-strategy ablations, Table 5); the others are listed as ``strategy_not_selected``.
     ``noise_steps`` keeps only the image-weakened pairs of those diffusion steps (the others are
     listed as ``noise_step_not_selected``); pairs of other strategies are not affected.
+    ``validation`` (when enabled) moves some kept pairs to ``held_out`` (see ``held_out_rows``).
     """
     table = read_pairs(uri)
     ids = table.column("id").to_pylist()
@@ -139,12 +156,23 @@ def prepare_pairs(
     if not keep:
         raise PairsError(f"all {len(rows)} prompts are longer than train.max_length={max_length} "
                          f"(image tokens included; shortest has {min(lengths.values())} tokens)")
+    held_out: list[int] = []
+    if validation is not None and validation.enabled:
+        n = validation.n_pairs or max(1, round(validation.fraction * len(keep)))
+        if n >= len(keep):
+            raise PairsError(f"train.validation holds out {n} of the {len(keep)} usable pairs, leaving none to "
+                             "train on; lower train.validation.fraction / n_pairs")
+        held_out = held_out_rows(ids, keep, n, validation.seed)
+        held = set(held_out)
+        keep = [i for i in keep if i not in held]
     return PreparedPairs(
         uri=uri,
         num_pairs=table.num_rows,
         keep=keep,
         dropped=dropped,
-        reference=has_reference(table.take(keep)),
+        reference=has_reference(table.take(keep + held_out)),
+        held_out=held_out,
+        held_out_ids=[ids[i] for i in held_out],
     )
 
 
@@ -156,10 +184,11 @@ def epoch_order(num_rows: int, seed: int, epoch: int) -> np.ndarray:
 
 
 class PairDataset:
-    """The kept pairs, encoded on demand; images are read once and cached (pairs share them)."""
+    """The kept pairs (or, with ``held_out``, the validation pairs), encoded on demand; images are read once and cached (pairs share them)."""
 
-    def __init__(self, prepared: PreparedPairs, processor, max_length: int, image_cache: int = 1024):
-        table = read_pairs(prepared.uri).take(prepared.keep)
+    def __init__(self, prepared: PreparedPairs, processor, max_length: int, image_cache: int = 1024,
+                 held_out: bool = False):
+        table = read_pairs(prepared.uri).take(prepared.held_out if held_out else prepared.keep)
         self.ids = table.column("id").to_pylist()
         self.images = table.column("image").to_pylist()
         self.image_sha256 = table.column("image_sha256").to_pylist()

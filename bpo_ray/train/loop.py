@@ -35,6 +35,7 @@ from bpo_ray.train.data import DataPosition, PairDataset, PreparedPairs, total_s
 from bpo_ray.train.logprobs import collate_pairs, forward_logps
 from bpo_ray.train.losses import PreferenceLoss, dpo_with_sft, sft_loss
 from bpo_ray.train.lora import apply_lora, reference_model, set_base_model_uri
+from bpo_ray.train.validation import BestAdapter, batches, chosen_drop, summarise
 
 DS_TAG = "state"
 CHECKPOINTS_DIR = "checkpoints"  # the Ray Train run name: checkpoints live in OUT/checkpoints/
@@ -118,6 +119,15 @@ def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def _broadcast(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (unchanged when not distributed)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        value = box[0]
+    return value
+
+
 def _all_reduce_max(value: float, device: torch.device) -> float:
     t = torch.tensor([value], dtype=torch.float32, device=device)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -199,10 +209,7 @@ def _resume_point(checkpoint, out_uri: str, rank: int) -> Optional[tuple[str, An
         if candidates:
             step, source, path = max(candidates, key=lambda c: (c[0], c[1] == "ray"))
             choice = (source, path)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        box = [choice]
-        torch.distributed.broadcast_object_list(box, src=0)
-        choice = box[0]
+    choice = _broadcast(choice)
     if choice is None:
         return None
     return choice[0], storage.filesystem(out_uri)[0], choice[1]
@@ -261,6 +268,27 @@ def _micro_step(engine, dataset: PairDataset, rows, train: TrainConfig, loss_fn,
         "ref_rejected_logp": ref_rejected.detach().sum().item(),
         "n": n,
     }
+
+
+def _validate(engine, dataset: PairDataset, train: TrainConfig, loss_fn, device, dtype, use_reference_columns: bool,
+              rank: int, world: int) -> dict:
+    """Held-out metrics (``val_*``, see ``validation.py``): each rank scores its share with the
+    training step's code under ``no_grad`` (an SFT run scores the DPO quantities too), then the sums
+    are all-reduced and rank 0's means broadcast, so every rank decides alike."""
+    as_dpo = train if train.mode == "dpo" else train.model_copy(update={"mode": "dpo", "sft_weight": 0.0})
+    sums: dict[str, float] = {}
+    engine.eval()  # no dropout, and no RNG draws: training's random stream is left as it was
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            for rows in batches(len(dataset), world, rank, train.per_device_batch_size):
+                _, stats = _micro_step(engine, dataset, rows or [0], as_dpo, loss_fn, device, dtype,
+                                       use_reference_columns, {"ref_forwards": 0})
+                for k, v in stats.items():  # a rank whose share ran out ran a throwaway batch
+                    sums[k] = sums.get(k, 0.0) + (v if rows else 0.0)
+    finally:
+        engine.train()
+    keys = sorted(sums)
+    return _broadcast(summarise(dict(zip(keys, _all_reduce_sum([sums[k] for k in keys], device)))))
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -339,6 +367,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         steps_total = min(steps_total, train.max_steps)
     loss_fn = PreferenceLoss(train.loss, train.beta, train.label_smoothing) if train.mode == "dpo" else None
     counters = {"ref_forwards": 0}
+    val_cfg = train.validation
+    val_dataset = PairDataset(prepared, processor, train.max_length, held_out=True) if val_cfg.enabled else None
+    best = BestAdapter(val_cfg, out_uri) if val_cfg.enabled and val_cfg.keep_best else None
+    if best is not None and resume is not None:  # an earlier attempt's best stays a candidate
+        best.record = _broadcast(best.load() if rank == 0 else None)
 
     log = MetricsLog(storage.join(out_uri, "metrics.jsonl")) if rank == 0 else None
     if log:
@@ -347,7 +380,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    "steps_total": steps_total, "pairs": len(dataset), "reference": "precomputed"
                    if config["use_reference_columns"] else "adapter_disabled",
                    "deepspeed_import_s": round(deepspeed_import_s, 3), "deepspeed_init_s": round(deepspeed_init_s, 3),
-                   "model_load_s": round(model_load_s, 3), "worker_start_s": round(time.perf_counter() - started, 3)})
+                   "model_load_s": round(model_load_s, 3), "worker_start_s": round(time.perf_counter() - started, 3),
+                   **({"held_out_pairs": len(val_dataset)} if val_dataset is not None else {})})
     progress = None
     if rank == 0:
         from tqdm import tqdm
@@ -362,11 +396,48 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             with open(os.path.join(tmp, "state.json"), "w") as f:
                 f.write(state.to_json())
-            if final:
+            if final and best is not None and best.record is not None:  # the best validated adapter
+                storage.upload_dir(os.path.join(tmp, "adapter"), storage.join(out_uri, "adapter_last"))
+                storage.copy_tree(best.adapter_uri(best.record), storage.join(out_uri, "adapter"))
+            elif final:
                 storage.upload_dir(os.path.join(tmp, "adapter"), storage.join(out_uri, "adapter"))
             log.flush()
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         shutil.rmtree(tmp, ignore_errors=True)
+
+    val_loss_fn = loss_fn or PreferenceLoss(train.loss, train.beta, train.label_smoothing)
+
+    def validate(metrics: dict) -> bool:
+        """Held-out metrics into ``metrics``, the collapse check, the best adapter; True: stop."""
+        t0 = time.perf_counter()
+        val = _validate(engine, val_dataset, train, val_loss_fn, device, dtype, config["use_reference_columns"],
+                        rank, world)
+        warn, stop, warning = chosen_drop(val_cfg, val, state.step)
+        metrics.update(val, val_collapse=warn)
+        if stop:
+            metrics["stopped"] = "collapse"
+        value = val[f"val_{val_cfg.metric}"]
+        if best is not None and best.improves(value):
+            tmp = tempfile.mkdtemp(prefix="bpo-best-")
+            save_adapter(engine.module, tmp, rank, train.zero_stage, models.mllm)  # ZeRO-3: every rank gathers
+            if rank == 0:
+                best.save(tmp, state.step, value)
+            best.record = _broadcast(best.record)
+            shutil.rmtree(tmp, ignore_errors=True)
+        if best is not None and best.record is not None:
+            metrics.update(val_best_step=best.record.step, val_best=best.record.value)
+        metrics["val_time_s"] = time.perf_counter() - t0
+        if rank == 0:
+            line = (f"validation step {state.step} ({val['val_pairs']} held-out pairs): acc "
+                    f"{val['val_reward_accuracy']:.2f} loss {val['val_loss']:.4f} margin {val['val_reward_margin']:.4f} "
+                    f"logp vs reference: chosen {val['val_chosen_logp_delta']:+.2f} rejected "
+                    f"{val['val_rejected_logp_delta']:+.2f}")
+            if best is not None:
+                line += f"; best {val_cfg.metric} {best.record.value:.4f} at step {best.record.step}"
+            print(f"[bpo-ray train] {line}", flush=True)
+            if warning:
+                print(f"[bpo-ray train] {warning}", file=sys.stderr, flush=True)
+        return stop
 
     while state.step < steps_total:
         _maybe_fail(state.step + 1, rank, world, out_uri)
@@ -393,10 +464,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                        lr=lr, samples_per_s=step_samples / elapsed, step_time_s=elapsed, world_size=world,
                        ref_forwards=counters["ref_forwards"], mode=train.mode,
                        peak_rss_mb=_all_reduce_max(peak_rss_mb(), device))
+        validated = val_dataset is not None and (state.step % val_cfg.every_steps == 0 or state.step == steps_total)
+        stop = validated and validate(metrics)
+        final = state.step == steps_total or stop
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
-        if log and (state.step % train.log_every == 0 or state.step == steps_total):
+        if log and (state.step % train.log_every == 0 or final or validated):
             log.write({"time": time.time(), **metrics})
             line = (f"step {state.step}/{steps_total} loss {metrics['loss']:.4f} lr {lr:.2e} "
                     f"{metrics['samples_per_s']:.2f} samples/s")
@@ -404,10 +478,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 line += (f" margin {metrics['reward_margin']:.4f} acc {metrics['reward_accuracy']:.2f}"
                          f" logp chosen {metrics['chosen_logp']:.2f} rejected {metrics['rejected_logp']:.2f}")
             print(f"[bpo-ray train] {line}", flush=True)
-        # Metrics reach Ray Train with each checkpoint only: ray.train.report synchronises every
-        # worker with the controller (about 1.8 s per call on 2 CPU cores, 10-20x a tiny model's
-        # step), while the metrics file and the console above get every step.
-        if state.step % train.checkpoint_every == 0 or state.step == steps_total:
-            checkpoint_and_report(metrics, final=state.step == steps_total)  # the last one exports the adapter
+        # Metrics reach Ray Train with each checkpoint and each validation only: ray.train.report
+        # synchronises every worker with the controller (about 1.8 s per call on 2 CPU cores,
+        # 10-20x a tiny model's step), while the metrics file and the console above get every step.
+        if state.step % train.checkpoint_every == 0 or final:
+            checkpoint_and_report(metrics, final=final)  # the last one exports the adapter
+        elif validated:
+            ray.train.report(metrics)
+        if stop:
+            break
     if progress is not None:
         progress.close()

@@ -3,11 +3,15 @@
 
 Output layout under ``out`` (local or ``s3://``)::
 
-    adapter/          PEFT LoRA adapter (safetensors): PeftModel.from_pretrained and vLLM LoRA
+    adapter/          PEFT LoRA adapter (safetensors): PeftModel.from_pretrained and vLLM LoRA; with
+                      train.validation.keep_best, the best validated step's
+    adapter_last/     the last step's adapter (only with train.validation.keep_best)
+    validation/       best.json + best-step-<k>/adapter, held_out_pairs.json (train.validation on)
     checkpoints/      Ray Train checkpoints (DeepSpeed state, adapter, state.json); resume point
     metrics.jsonl     one record per step (+ start events), written by rank 0
     logps.png         chosen/rejected log-probs over training (paper Figure 6)
-    manifest.json     counts (pairs in = trained on + dropped), config, versions, timings
+    manifest.json     counts (pairs in = trained on + dropped + held out), config, versions, timings,
+                      and under config.validation which step's adapter was exported
     dropped_pairs.json  ids of pairs left out, by reason (only when some were)
     merged/           the adapter merged into the base model (train.merge)
 
@@ -33,6 +37,7 @@ from bpo_ray.train.data import PairsError, PreparedPairs, pairs_location, prepar
 from bpo_ray.train.loop import CHECKPOINTS_DIR, FAIL_AT_STEP_ENV, train_loop_per_worker
 from bpo_ray.train.lora import resolve_targets
 from bpo_ray.train.plots import plot_logps, read_metrics
+from bpo_ray.train.validation import VALIDATION_DIR, summary as validation_summary
 from bpo_ray.train.zero import load_deepspeed_template
 
 RUN_NAME = CHECKPOINTS_DIR
@@ -48,6 +53,7 @@ class TrainResult:
     prepared: PreparedPairs
     reference: str  # "precomputed" or "adapter_disabled"
     wall_s: float
+    validation: Optional[dict] = None  # validation.summary(): exported step, collapse warnings
 
 
 def check_lora_targets(model_path: str, lora: LoraConfig) -> list[str]:
@@ -113,7 +119,7 @@ def run_training(cfg: BPOConfig, pairs_uri: str, out_uri: str) -> TrainResult:
     check_lora_targets(model_path, train.lora)
     processor = AutoProcessor.from_pretrained(model_path)
     prepared = prepare_pairs(pairs_uri, processor, train.max_length, strategies=train.strategies,
-                             noise_steps=train.noise_steps)
+                             noise_steps=train.noise_steps, validation=train.validation)
     use_reference_columns = train.mode == "dpo" and train.use_precomputed_reference and prepared.reference
     if use_reference_columns:
         check_reference_settings(pairs_uri, train, models)
@@ -149,14 +155,21 @@ def run_training(cfg: BPOConfig, pairs_uri: str, out_uri: str) -> TrainResult:
         merged = _merge(cfg, out_uri)
     if prepared.dropped:
         storage.write_text(storage.join(out_uri, "dropped_pairs.json"), json.dumps(prepared.dropped, indent=2))
+    validation = None
+    by_reason = {k: len(v) for k, v in prepared.dropped.items()}
+    if prepared.held_out:
+        validation = validation_summary(train.validation, out_uri, records, len(prepared.held_out))
+        storage.write_text(storage.join(out_uri, VALIDATION_DIR, "held_out_pairs.json"),
+                           json.dumps(prepared.held_out_ids, indent=2))
+        by_reason["held_out"] = len(prepared.held_out)
     wall = time.perf_counter() - started
-    n_dropped = sum(len(v) for v in prepared.dropped.values())
     manifest = Manifest(
         stage="train",
-        counts=ManifestCounts(items_in=prepared.num_pairs, paired=len(prepared.keep), filtered=n_dropped,
-                              by_reason={k: len(v) for k, v in prepared.dropped.items()}),
+        counts=ManifestCounts(items_in=prepared.num_pairs, paired=len(prepared.keep), filtered=sum(by_reason.values()),
+                              by_reason=by_reason),
         config={**cfg.model_dump(mode="json"), "pairs": pairs_uri,
-                "reference": "precomputed" if use_reference_columns else "adapter_disabled"},
+                "reference": "precomputed" if use_reference_columns else "adapter_disabled",
+                **({"validation": validation} if validation else {})},
         versions=library_versions(),
         timings={"wall_s": round(wall, 3), "validate_s": round(validated_s, 3), "fit_s": round(fit_s, 3)},
     )
@@ -170,6 +183,7 @@ def run_training(cfg: BPOConfig, pairs_uri: str, out_uri: str) -> TrainResult:
         prepared=prepared,
         reference="precomputed" if use_reference_columns else "adapter_disabled",
         wall_s=wall,
+        validation=validation,
     )
 
 
