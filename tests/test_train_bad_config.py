@@ -124,10 +124,35 @@ def test_strategies_filter_keeps_only_the_named_negatives(tiny_models, tmp_path)
     write_pairs(rows, str(tmp_path / "p"))
     processor = AutoProcessor.from_pretrained(tiny_models["mllm"])
     only_iw = prepare_pairs(str(tmp_path / "p"), processor, 256, strategies=["image_weakened"])
-    assert only_iw.keep == [0, 1] and only_iw.num_pairs == 6
+    assert _kept_ids(tmp_path / "p", only_iw) == {r["id"] for r in rows[:2]} and only_iw.num_pairs == 6
     assert sorted(only_iw.dropped["strategy_not_selected"]) == sorted(r["id"] for r in rows[2:])
     every = prepare_pairs(str(tmp_path / "p"), processor, 256)
     assert every.keep == list(range(6)) and not every.dropped
+
+
+def _kept_ids(pairs_dir, prepared) -> set[str]:
+    from bpo_ray.train.data import read_pairs
+
+    ids = read_pairs(str(pairs_dir)).column("id").to_pylist()
+    return {ids[i] for i in prepared.keep}
+
+
+def test_training_order_follows_content_not_files_or_ids(tiny_models, tmp_path):
+    """The reference pass rewrites pairs in Ray Data's row order, and ids name the run's location:
+    neither may change which pair a training step sees."""
+    import pyarrow.parquet as pq
+
+    from bpo_ray.train.data import read_pairs
+
+    rows = build_pairs_rows(str(tmp_path / "world"), n_scenes=8, limit=6)
+    write_pairs(rows, str(tmp_path / "a"))
+    moved = [dict(r, id=f"elsewhere-{k}") for k, r in enumerate(reversed(rows))]
+    write_pairs(moved[:3], str(tmp_path / "b"))
+    pq.write_table(pq.read_table(tmp_path / "b" / "pairs" / "part-0.parquet"), tmp_path / "b" / "pairs" / "part-1.parquet")
+    write_pairs(moved[3:], str(tmp_path / "c"))
+    (tmp_path / "c" / "pairs" / "part-0.parquet").rename(tmp_path / "b" / "pairs" / "part-1.parquet")
+    content = lambda t: list(zip(*(t.column(k).to_pylist() for k in ("source_id", "prompt", "chosen", "rejected"))))
+    assert content(read_pairs(str(tmp_path / "a"))) == content(read_pairs(str(tmp_path / "b")))
 
 
 def test_noise_steps_filter_keeps_other_strategies_and_the_named_steps(tiny_models, tmp_path):
@@ -141,10 +166,10 @@ def test_noise_steps_filter_keeps_other_strategies_and_the_named_steps(tiny_mode
     write_pairs(rows, str(tmp_path / "p"))
     processor = AutoProcessor.from_pretrained(tiny_models["mllm"])
     no_weakening = prepare_pairs(str(tmp_path / "p"), processor, 256, noise_steps=[0])
-    assert no_weakening.keep == [0, 3, 4, 5]
+    assert _kept_ids(tmp_path / "p", no_weakening) == {rows[i]["id"] for i in (0, 3, 4, 5)}
     assert sorted(no_weakening.dropped["noise_step_not_selected"]) == sorted(r["id"] for r in rows[1:3])
     weakened = prepare_pairs(str(tmp_path / "p"), processor, 256, strategies=["image_weakened"], noise_steps=[500])
-    assert weakened.keep == [1, 2]
+    assert _kept_ids(tmp_path / "p", weakened) == {rows[1]["id"], rows[2]["id"]}
     with pytest.raises(PairsError, match="noise_steps"):
         prepare_pairs(str(tmp_path / "p"), processor, 256, strategies=["image_weakened"], noise_steps=[900])
 

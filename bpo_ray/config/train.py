@@ -138,7 +138,8 @@ class TrainConfig(StrictModel):
 
 
 class ReferenceConfig(StrictModel):
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, description="pairs per forward; 1 scores each pair alone, so its log-probs do not "
+                            "depend on its batch-mates' padding (bit-reproducible; the embedded default)")
     num_actors: int = Field(1, ge=1)
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)

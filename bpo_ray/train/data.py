@@ -53,7 +53,21 @@ def read_pairs(uri: str) -> pa.Table:
         raise PairsError(f"pairs do not match the pair schema: {exc}") from exc
     if table.num_rows == 0:
         raise PairsError(f"no pairs at {uri}: the Parquet files hold 0 rows")
-    return table
+    return canonical_order(table)
+
+
+#: What orders pairs for training: their content, never file names, row order or ids (ids and
+#: image URIs name where the run lives; the reference pass writes rows in Ray Data's order).
+CANONICAL_KEYS = ("source_id", "strategy", "noise_step", "prompt", "chosen", "rejected", "seed")
+
+
+def canonical_order(table: pa.Table) -> pa.Table:
+    """``table``'s rows sorted by content, so the seeded epoch order (and so the trained weights)
+    is the same wherever the pairs were written and however they were split into files."""
+    import pyarrow.compute as pc
+
+    keys = [(k, "ascending") for k in CANONICAL_KEYS if k in table.column_names]
+    return table.take(pc.sort_indices(table, sort_keys=keys, null_placement="at_start"))
 
 
 def check_images_exist(table: pa.Table, max_listed: int = 5, threads: int = 16) -> None:
