@@ -27,6 +27,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def agent_port_args() -> list[str]:
+    """Free ports for a node's agents. Their defaults are fixed (52365 for the job agent), so a
+    cluster started right after another one stopped could find them still held and come up without
+    a job agent ("No available agent to submit job" for good); seen with back-to-back demos."""
+    return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
+
+
 def ray_env(extra: Optional[dict] = None) -> dict:
     env = dict(os.environ)
     env.setdefault("RAY_AUTH_MODE", "disabled")
@@ -62,7 +70,8 @@ class LocalCluster:
 
         cmd = [_ray_bin(), "start", "--head", f"--port={self.gcs_port}", f"--num-cpus={self.num_cpus}",
                "--node-ip-address=127.0.0.1", f"--temp-dir={self.temp_dir}", "--include-dashboard=true",
-               "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}", "--disable-usage-stats"]
+               "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}", "--disable-usage-stats",
+               *agent_port_args()]
         if self.resources:
             cmd.append(f"--resources={json.dumps(self.resources)}")
         subprocess.run(cmd, check=True, env=ray_env(), stdout=subprocess.DEVNULL, cwd=REPO)
@@ -73,7 +82,7 @@ class LocalCluster:
         import json
 
         cmd = [_ray_bin(), "start", f"--address={self.address}", f"--num-cpus={num_cpus}",
-               "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+               "--node-ip-address=127.0.0.1", "--disable-usage-stats", *agent_port_args()]
         if resources:
             cmd.append(f"--resources={json.dumps(resources)}")
         subprocess.run(cmd, check=True, env=ray_env(), stdout=subprocess.DEVNULL, cwd=REPO)
