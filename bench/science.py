@@ -45,7 +45,8 @@ def rescore_fluency(headline: dict, eval_dir: Path) -> None:
 
 def main() -> int:
     from bpo_ray.demo import run_demo
-    from bpo_ray.evaluate.multiseed import CHAIR_I, aggregate, check_targets, read_headline, targets_markdown
+    from bpo_ray.evaluate.multiseed import (CHAIR_I, aggregate, check_targets, paired_deltas, read_headline,
+                                            targets_markdown)
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -86,6 +87,10 @@ def main() -> int:
         f"Wall time per seed (s): {', '.join(f'{s}: {w:.0f}' for s, w in walls.items())}.",
         "",
         table.markdown(),
+        "",
+        "Change against base on the same seed (mean ± sd over seeds; per seed in brackets):",
+        "",
+        paired_deltas(table),
         "",
         "CHAIR_i per seed:",
         "",

@@ -51,6 +51,14 @@ def test_aggregate_mean_sd_and_targets_on_every_seed():
     assert all(t.met for t in check_targets(table))
 
 
+def test_paired_deltas_are_per_seed_changes_against_base():
+    from bpo_ray.evaluate.multiseed import paired_deltas
+
+    table = aggregate({0: _headline(7.0, 3.0, 6.0, 5.0), 1: _headline(5.0, 2.0, 4.0, 4.0), 2: _headline(6.0, 4.0, 5.0, 6.0)})
+    row = next(line for line in paired_deltas(table).splitlines() if line.startswith("| bpo |"))
+    assert "-3.0 ± 1.0 (-4.0, -3.0, -2.0)" in row
+
+
 def test_targets_fail_when_one_seed_goes_the_wrong_way():
     table = aggregate({0: _headline(7.0, 2.0, 6.0, 5.0), 1: _headline(5.0, 1.0, 4.0, 4.0), 2: _headline(2.0, 2.5, 5.0, 6.0)})
     verdicts = {t.claim: t.met for t in check_targets(table)}

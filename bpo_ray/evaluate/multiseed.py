@@ -56,6 +56,28 @@ class SeedTable:
                                                     for c, s in cols.items()} for m, cols in self.cells.items()}}
 
 
+def paired_deltas(table: SeedTable, base: str = "base", columns: Sequence[str] = (CHAIR_I, RECALL, FLUENCY)) -> str:
+    """Markdown: each model's change against ``base`` *on the same seed*, mean ± sd over seeds.
+
+    Worlds differ a lot between seeds (the base model's CHAIR_i spans 2-8 %), so the spread of a
+    model's own column mostly measures the worlds; the paired change is what a method does.
+    """
+    cols = [c for c in columns if c in table.cells.get(base, {})]
+    lines = ["| Model | " + " | ".join(f"Δ {c}" for c in cols) + " |", "|---|" + "---:|" * len(cols)]
+    for model in table.models:
+        if model == base:
+            continue
+        cells = []
+        for c in cols:
+            if c not in table.cells[model]:
+                cells.append("–")
+                continue
+            d = Stat([m - b for m, b in zip(table.cells[model][c].values, table.cells[base][c].values)])
+            cells.append(f"{d.mean:+.1f} ± {d.sd:.1f} ({', '.join(f'{v:+.1f}' for v in d.values)})")
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def read_headline(report_json: str) -> dict[str, dict[str, Optional[float]]]:
     return json.loads(storage.read_text(report_json))["headline"]
 
