@@ -92,11 +92,15 @@ def test_second_build_is_cached_and_keyed_on_the_recipe(built, capsys):
     assert cli.main(_argv(built["root"] / "world")) == 0
     assert time.perf_counter() - started < built["seconds"]
     assert meta_path.read_text() == before
+    from bpo_ray.config.shared import NumericsConfig
     from bpo_ray.config.world import BaseModelConfig
     from bpo_ray.world.base_model import _cache_key, read_world
 
     world = read_world(built["root"] / "world")
-    assert _cache_key(world, BaseModelConfig(align_steps=5), 0) != _cache_key(world, BaseModelConfig(align_steps=4), 0)
+    pinned, native = NumericsConfig(cpu_isa="avx2", threads=2), NumericsConfig()
+    assert _cache_key(world, BaseModelConfig(align_steps=5), 0, pinned) != _cache_key(world, BaseModelConfig(align_steps=4), 0, pinned)
+    # a model built with other kernels is another model: never served from the cache
+    assert _cache_key(world, BaseModelConfig(), 0, pinned) != _cache_key(world, BaseModelConfig(), 0, native)
 
 
 def test_recipe_is_deterministic(built, tmp_path):
