@@ -28,21 +28,6 @@ def seed_overrides(seed: int) -> list[str]:
     return [f"world.seed={seed}", f"generate.seed={seed}", f"train.seed={seed}"]
 
 
-def rescore_fluency(headline: dict, eval_dir: Path) -> None:
-    """Well-formed share from each model's saved captions, with the current grammar (a run made
-    before a grammar change is scored like a new one; the answers themselves are not rerun)."""
-    from bpo_ray.evaluate.multiseed import FLUENCY
-    from bpo_ray.world.grammar import well_formed_share
-
-    for model, row in headline.items():
-        items = eval_dir / model / "items.jsonl"
-        if items.exists():
-            rows = [json.loads(line) for line in items.read_text().splitlines() if line.strip()]
-            captions = [r["answer"] for r in rows if str(r.get("id", "")).startswith("chair/")]
-            if captions:
-                row[FLUENCY] = 100 * well_formed_share(captions)
-
-
 def main() -> int:
     from bpo_ray.demo import run_demo
     from bpo_ray.evaluate.multiseed import (CHAIR_I, aggregate, check_targets, paired_deltas, read_headline,
@@ -73,7 +58,6 @@ def main() -> int:
         summary = json.loads(summary_path.read_text())
         walls[seed] = summary["timings_s"]["total"]
         per_seed[seed] = read_headline(summary["report"].replace("report.md", "report.json"))
-        rescore_fluency(per_seed[seed], Path(summary["report"]).parent)
 
     table = aggregate(per_seed)
     targets = [t for name in ("bpo", "bpo_plain_dpo") if name in table.cells for t in check_targets(table, bpo=name)]

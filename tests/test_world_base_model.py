@@ -7,7 +7,6 @@ targets are measured by the full command and recorded in docs/world.md.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from bpo_ray.world import cli
+from bpo_ray.world.base_model import weights_sha256
 
 SMALL = [
     "world.n_scenes=45", "world.corpus_lines=300",
@@ -34,10 +34,6 @@ def _argv(out: Path, *extra: str) -> list[str]:
     for override in (*SMALL, *extra):
         argv += ["--set", override]
     return argv
-
-
-def _weights_digest(model_dir: Path) -> str:
-    return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(model_dir.glob("*.safetensors")))).hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +104,7 @@ def test_recipe_is_deterministic(built, tmp_path):
     first = json.loads((built["root"] / "models" / "base_model.json").read_text())["paths"]
     second = json.loads((tmp_path / "models" / "base_model.json").read_text())["paths"]
     for name in ("mllm", "text_llm"):
-        assert _weights_digest(Path(first[name])) == _weights_digest(Path(second[name]))
+        assert weights_sha256(Path(first[name])) == weights_sha256(Path(second[name]))
 
 
 def test_missing_world_dir_for_models_is_a_clear_error(tmp_path, capsys):

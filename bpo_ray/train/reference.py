@@ -14,7 +14,6 @@ import time
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from bpo_ray import storage
 from bpo_ray.config import BPOConfig
@@ -30,10 +29,10 @@ class ReferenceScorer:
         import torch
 
         from bpo_ray import numerics
-
-        numerics.check(cpu_isa, where="reference scorer")
         from bpo_ray.config.shared import ModelsConfig
         from bpo_ray.models.loading import load_mllm
+
+        numerics.check(cpu_isa, where="reference scorer")
 
         cfg = ModelsConfig.model_validate(models)
         self.model, self.processor = load_mllm(cfg.mllm, dtype=cfg.dtype, device=cfg.device, cache_dir=cfg.cache_dir)
@@ -114,7 +113,8 @@ def run_reference(cfg: BPOConfig, pairs_uri: str, out_uri: str) -> Manifest:
     ds = ds.map_batches(
         ReferenceScorer,
         fn_constructor_kwargs={"models": cfg.models.model_dump(mode="json"), "max_length": cfg.train.max_length,
-                               "average_logp": cfg.train.average_logp, "micro_batch": ref.batch_size, "cpu_isa": cfg.numerics.cpu_isa},
+                               "average_logp": cfg.train.average_logp, "micro_batch": ref.batch_size,
+                               "cpu_isa": cfg.numerics.cpu_isa},
         batch_size=ref.batch_size * 4,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=ref.num_actors),
