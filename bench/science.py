@@ -5,7 +5,8 @@
 Seed ``s`` builds its own world and base model (``world.seed``), samples its own pairs
 (``generate.seed``) and trains with its own seed (``train.seed``); everything else is the demo's
 configuration (``bpo_ray.demo``). Each seed is a full ``bpo-ray demo`` run under
-``OUT/seed<s>``; a seed whose run finished before is read back, not rerun (``--rerun`` forces it).
+``OUT/seed<s>``; the finished stages of a seed run before are kept (``bpo-ray demo --reuse``), so a
+new variant adds only its own stages (``--rerun`` runs everything again).
 Prints the table of mean ± sd over seeds for every model and column of the demo's report
 (CHAIR_s, CHAIR_i, object recall, well-formed captions, POPE accuracy / F1 / yes %), the per-seed
 CHAIR_i, and whether the BPO targets hold (``bpo_ray.evaluate.multiseed.check_targets``); writes
@@ -38,7 +39,7 @@ def main() -> int:
     ap.add_argument("--out", default="runs/science")
     ap.add_argument("--config", default="tiny")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--rerun", action="store_true", help="run every seed again even if it finished before")
+    ap.add_argument("--rerun", action="store_true", help="run every stage of every seed again, even if it finished before")
     args = ap.parse_args()
     if len(args.seeds) < 3:
         print("science: fewer than 3 seeds; the table will say so, but a claim needs >= 3", file=sys.stderr)
@@ -48,13 +49,12 @@ def main() -> int:
     for seed in args.seeds:
         run = out / f"seed{seed}"
         summary_path = run / "demo_summary.json"
-        if args.rerun or not summary_path.exists():
-            print(f"\n######## science: seed {seed} -> {run}", flush=True)
-            t0 = time.time()
-            run_demo(run, args.config, [*seed_overrides(seed), *args.overrides])
-            print(f"######## science: seed {seed} done in {time.time() - t0:.0f} s", flush=True)
-        else:
-            print(f"science: seed {seed} finished before ({summary_path}); reading it back", flush=True)
+        # A seed run before keeps its finished stages; only what is missing runs (e.g. a new variant).
+        reuse = not args.rerun and run.exists()
+        print(f"\n######## science: seed {seed} -> {run}{' (reusing finished stages)' if reuse else ''}", flush=True)
+        t0 = time.time()
+        run_demo(run, args.config, [*seed_overrides(seed), *args.overrides], reuse=reuse)
+        print(f"######## science: seed {seed} done in {time.time() - t0:.0f} s", flush=True)
         summary = json.loads(summary_path.read_text())
         walls[seed] = summary["timings_s"]["total"]
         per_seed[seed] = read_headline(summary["report"].replace("report.md", "report.json"))

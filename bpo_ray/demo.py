@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 from bpo_ray.localcluster import LocalCluster, free_port, submit_and_wait
 
@@ -73,9 +74,37 @@ def _banner(text: str) -> None:
     print(f"\n{'=' * 8} {text} {'=' * max(4, 70 - len(text))}", flush=True)
 
 
-def run_demo(out: Path, config: str, overrides: Sequence[str], num_cpus: int = 4) -> dict:
+SETTINGS_FILE = "demo_settings.json"
+
+
+class DemoError(RuntimeError):
+    """The demo cannot run as asked (e.g. ``--reuse`` over a run made with other settings)."""
+
+
+def _check_reuse(out: Path, settings: dict) -> None:
+    """Refuse to reuse stages of a run made with other settings; record the settings otherwise.
+
+    A run made before the settings were recorded is reused as it is, with a warning."""
+    path = out / SETTINGS_FILE
+    if path.exists():
+        before = json.loads(path.read_text())
+        if before != settings:
+            raise DemoError(f"--reuse: {out} was made with other settings ({path}); "
+                            f"before: {before}, now: {settings}. Use another --out, or run without --reuse.")
+    elif any(out.iterdir()):
+        print(f"[demo] WARNING --reuse: {out} has no {SETTINGS_FILE}; reusing its finished stages unchecked", flush=True)
+
+
+def run_demo(out: Path, config: str, overrides: Sequence[str], num_cpus: int = 4, reuse: bool = False) -> dict:
+    """Run the demo under ``out``. With ``reuse``, a stage whose output is already complete there
+    (world, pairs, reference, an adapter, a model's metrics) is not run again; the others run as
+    usual, so a run can be continued or extended with a new variant."""
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
+    settings = {"config": config, "overrides": [*DEMO_OVERRIDES, *overrides]}
+    if reuse:
+        _check_reuse(out, settings)
+    (out / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
     models = out / "models"
     shared = ["--config", config, "--set", f"storage.root={out}", "--set", f"world.out={out / 'world'}",
               "--set", f"models.mllm={models / 'llava'}",
@@ -83,9 +112,17 @@ def run_demo(out: Path, config: str, overrides: Sequence[str], num_cpus: int = 4
     for o in (*DEMO_OVERRIDES, *overrides):
         shared += ["--set", o]
     timings: dict[str, float] = {}
+    summary_path = out / "demo_summary.json"
+    # A reused stage keeps the wall time it took when it ran.
+    earlier = json.loads(summary_path.read_text())["timings_s"] if reuse and summary_path.exists() else {}
     t_all = time.time()
 
-    def stage(label: str, name: str, args: list[str]) -> None:
+    def stage(label: str, name: str, args: list[str], done: Optional[Path] = None) -> None:
+        """Submit one stage as a Ray job; ``done`` is the file the finished stage leaves behind."""
+        if reuse and done is not None and done.exists():
+            print(f"[demo] {label}: reused ({done} exists)", flush=True)
+            timings[label] = float(earlier.get(label, 0.0))
+            return
         _banner(label)
         t0 = time.time()
         submit_and_wait(cluster.dashboard_url, name, args)
@@ -95,24 +132,36 @@ def run_demo(out: Path, config: str, overrides: Sequence[str], num_cpus: int = 4
     port = free_port()
     with LocalCluster(num_cpus=num_cpus) as cluster:
         print(f"[demo] local Ray cluster up: {cluster.address} (dashboard {cluster.dashboard_url})", flush=True)
-        stage("world build + base model", "world", ["build", "--out", str(out / "world"), *shared])
+        stage("world build + base model", "world", ["build", "--out", str(out / "world"), *shared],
+              done=models / "base_model.json")
         stage("generate pairs", "generate", [*shared, "--source", str(out / "world" / "train.jsonl"),
-                                               "--images", str(out / "world"), "--out", str(out / "generate")])
-        stage("reference log-probs", "reference", [*shared, "--pairs", str(out / "generate"), "--out", str(out / "reference")])
+                                               "--images", str(out / "world"), "--out", str(out / "generate")],
+              done=out / "generate" / "manifest.json")
+        stage("reference log-probs", "reference", [*shared, "--pairs", str(out / "generate"), "--out", str(out / "reference")],
+              done=out / "reference" / "manifest.json")
         for name, (mode, strategies, extra) in VARIANTS.items():
             stage(f"train {name}", "train", [*shared, "--pairs", str(out / "reference"), "--out", str(out / "train" / name),
                                              "--set", f"train.mode={mode}",
                                              "--set", f"train.strategies=[{','.join(strategies)}]",
-                                             *[arg for o in extra for arg in ("--set", o)]])
+                                             *[arg for o in extra for arg in ("--set", o)]],
+                  done=out / "train" / name / "manifest.json")
         adapters = [a for name in VARIANTS for a in ("--adapter", f"{name}={out / 'train' / name / 'adapter'}")]
-        stage("serve (detached)", "serve", [*shared, *adapters, "--port", str(port), "--detach"])
+        evaluated = {m: out / "eval" / m / "metrics.json" for m in ["base", *VARIANTS]}
+        if reuse and all(p.exists() for p in evaluated.values()):
+            print("[demo] serve + evaluate: every model's metrics exist; reused", flush=True)
+            evaluated = {}
+        else:
+            stage("serve (detached)", "serve", [*shared, *adapters, "--port", str(port), "--detach"])
         url = f"http://127.0.0.1:{port}"
-        for model in ["base", *VARIANTS]:
+        for model in evaluated:
             stage(f"evaluate {model}", "evaluate", [*shared, "--model-url", f"{url}/v1", "--model", model,
-                                                    "--out", str(out / "eval")])
-    timings["total"] = round(time.time() - t_all, 1)
-    summary = {"out": str(out), "report": str(out / "eval" / "report.md"), "timings_s": timings}
-    (out / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+                                                    "--out", str(out / "eval")],
+                  done=evaluated[model])
+    # "total" is what the whole run cost: the sum of its stages, whenever they ran.
+    timings["total"] = round(sum(timings.values()), 1)
+    summary = {"out": str(out), "report": str(out / "eval" / "report.md"), "timings_s": timings,
+               "this_invocation_s": round(time.time() - t_all, 1)}
+    summary_path.write_text(json.dumps(summary, indent=2))
     return summary
 
 
@@ -122,8 +171,14 @@ def main(argv: Sequence[str]) -> int:
     ap.add_argument("--config", default="tiny")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray head")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep the finished stages of an earlier run in --out (same settings) and run the rest")
     args = ap.parse_args(list(argv))
-    summary = run_demo(Path(args.out), args.config, args.overrides, args.num_cpus)
+    try:
+        summary = run_demo(Path(args.out), args.config, args.overrides, args.num_cpus, reuse=args.reuse)
+    except DemoError as e:
+        print(f"bpo-ray demo: {e}", file=sys.stderr)
+        return 2
     _banner("demo finished")
     report = Path(summary["report"])
     if report.exists():

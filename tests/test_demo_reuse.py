@@ -1,0 +1,42 @@
+"""``bpo-ray demo --reuse``: finished stages are kept, other settings are refused."""
+
+import json
+
+import pytest
+
+from bpo_ray.demo import SETTINGS_FILE, VARIANTS, DemoError, run_demo
+
+
+def _finished_run(out):
+    """The files a finished demo leaves behind, one per stage."""
+    done = [out / "models" / "base_model.json", out / "generate" / "manifest.json",
+            out / "reference" / "manifest.json",
+            *[out / "train" / v / "manifest.json" for v in VARIANTS],
+            *[out / "eval" / m / "metrics.json" for m in ["base", *VARIANTS]]]
+    for path in done:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("{}")
+
+
+def test_reuse_of_a_finished_run_submits_nothing(tmp_path, capsys):
+    _finished_run(tmp_path)
+    summary = run_demo(tmp_path, "tiny", ["world.seed=3"], num_cpus=1, reuse=True)
+    stages = {k: v for k, v in summary["timings_s"].items() if k != "total"}
+    assert stages and all(v == 0.0 for v in stages.values()), stages  # no earlier summary: nothing timed
+    # an earlier summary's stage times are kept for the reused stages
+    (tmp_path / "demo_summary.json").write_text(json.dumps({"timings_s": {"generate pairs": 100.0, "train sft": 40.0}}))
+    summary = run_demo(tmp_path, "tiny", ["world.seed=3"], num_cpus=1, reuse=True)
+    assert summary["timings_s"]["generate pairs"] == 100.0 and summary["timings_s"]["total"] == 140.0
+    out = capsys.readouterr().out
+    assert "reused" in out and "WARNING --reuse" in out  # no settings recorded before
+    settings = json.loads((tmp_path / SETTINGS_FILE).read_text())
+    assert settings["config"] == "tiny" and "world.seed=3" in settings["overrides"]
+
+
+def test_reuse_with_other_settings_is_refused(tmp_path):
+    _finished_run(tmp_path)
+    (tmp_path / SETTINGS_FILE).write_text(json.dumps({"config": "tiny", "overrides": ["world.seed=1"]}))
+    with pytest.raises(DemoError, match="other settings"):
+        run_demo(tmp_path, "tiny", ["world.seed=2"], num_cpus=1, reuse=True)
+    # nothing was overwritten: the recorded settings are still the earlier run's
+    assert json.loads((tmp_path / SETTINGS_FILE).read_text())["overrides"] == ["world.seed=1"]
