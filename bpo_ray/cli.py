@@ -1,7 +1,7 @@
 """``bpo-ray <command>``: one entry point for every stage.
 
-Each command lives in its own module exposing ``main(argv) -> int``; ``jobs/<stage>.py`` (the
-``ray job submit`` entrypoints) call the very same function.
+Each command lives in its own module exposing ``main(argv) -> int``. ``python -m bpo_ray <command>``
+(what ``ray job submit`` runs) and the thin ``jobs/<stage>.py`` shims call the very same function.
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ def pin_numerics_early(argv: Sequence[str]) -> None:
     """
     from bpo_ray import numerics
     from bpo_ray.config import ConfigError, load_config
+    from bpo_ray.config.args import add_config_args
 
     parser = argparse.ArgumentParser(add_help=False)
     add_config_args(parser)
@@ -68,24 +69,6 @@ def pin_numerics_early(argv: Sequence[str]) -> None:
     except (ConfigError, SystemExit, OSError, ValueError):
         return
     numerics.pin(cfg.numerics.cpu_isa)
-
-
-def add_config_args(parser: argparse.ArgumentParser, default: str = "tiny") -> None:
-    """``--config`` (path, URI or named config) and repeatable ``--set key.path=value``."""
-    parser.add_argument("--config", default=default, help=f"config YAML path/URI or named config (default: {default})")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set train.beta=0.2 (repeatable)")
-
-
-def config_from_args(args: argparse.Namespace, extra: Sequence[str] = ()):
-    """Load the config named by ``args`` (see ``add_config_args``); exits with a clear message."""
-    from bpo_ray.config import ConfigError, load_config
-
-    try:
-        return load_config(args.config, list(args.overrides) + list(extra))
-    except ConfigError as exc:
-        print(f"bpo-ray: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ several seeds and prints mean ± sd. Every process pins its CPU kernels (``numer
 config), so two runs print the same report, on AVX2 and AVX-512 CPUs alike.
 
 Each stage is submitted to a real local Ray cluster (``ray start --head``) through Ray's Job
-Submission API with the same ``jobs/<stage>.py`` entrypoint ``ray job submit`` runs on a cluster.
+Submission API with the same ``python -m bpo_ray <stage>`` entrypoint ``ray job submit`` runs on a cluster.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """A real local Ray cluster started with ``ray start``, and jobs submitted to it as
 ``ray job submit`` would (Ray's Job Submission API).
 
-Used by ``bpo-ray demo`` (every stage runs through the same ``jobs/<stage>.py`` entrypoint a
+Used by ``bpo-ray demo`` (every stage runs through the same ``python -m bpo_ray <stage>`` entrypoint a
 cluster runs) and by the multi-node tests. Each cluster gets its own temp dir, so stopping it
 never touches another Ray instance on the machine.
 """
@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
+#: Where Ray and its jobs start: the checkout when running from one (its ``bpo_ray`` comes first on
+#: ``python -m``'s path), the current directory when the package is installed.
+WORKDIR = REPO if (REPO / "pyproject.toml").exists() else Path.cwd()
 
 
 def free_port() -> int:
@@ -74,7 +77,7 @@ class LocalCluster:
                *agent_port_args()]
         if self.resources:
             cmd.append(f"--resources={json.dumps(self.resources)}")
-        subprocess.run(cmd, check=True, env=ray_env(), stdout=subprocess.DEVNULL, cwd=REPO)
+        subprocess.run(cmd, check=True, env=ray_env(), stdout=subprocess.DEVNULL, cwd=WORKDIR)
         self._wait_dashboard(timeout_s)
         return self
 
@@ -85,7 +88,7 @@ class LocalCluster:
                "--node-ip-address=127.0.0.1", "--disable-usage-stats", *agent_port_args()]
         if resources:
             cmd.append(f"--resources={json.dumps(resources)}")
-        subprocess.run(cmd, check=True, env=ray_env(), stdout=subprocess.DEVNULL, cwd=REPO)
+        subprocess.run(cmd, check=True, env=ray_env(), stdout=subprocess.DEVNULL, cwd=WORKDIR)
 
     def _wait_dashboard(self, timeout_s: float) -> None:
         import urllib.request
@@ -155,7 +158,7 @@ def submit_when_ready(client, entrypoint: str, runtime_env: dict, timeout_s: flo
 
 def submit_and_wait(dashboard_url: str, stage: str, args: Sequence[str], timeout_s: float = 1800,
                     env: Optional[dict] = None, echo: bool = True) -> str:
-    """Submit ``python jobs/<stage>.py ARGS`` as a Ray job, stream its log, return the job id.
+    """Submit ``python -m bpo_ray <stage> ARGS`` as a Ray job, stream its log, return the job id.
 
     Raises ``RuntimeError`` with the log tail when the job does not succeed.
     """
@@ -164,10 +167,10 @@ def submit_and_wait(dashboard_url: str, stage: str, args: Sequence[str], timeout
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(dashboard_url)
-    entry = " ".join([shlex.quote(sys.executable), shlex.quote(str(REPO / "jobs" / f"{stage}.py"))]
+    entry = " ".join([shlex.quote(sys.executable), "-m", "bpo_ray", shlex.quote(stage)]
                      + [shlex.quote(a) for a in args])
     runtime_env = {"env_vars": {k: v for k, v in (env or {}).items()}}
-    job_id = submit_when_ready(client, f"cd {shlex.quote(str(REPO))} && {entry}", runtime_env)
+    job_id = submit_when_ready(client, f"cd {shlex.quote(str(WORKDIR))} && {entry}", runtime_env)
     seen = 0
     deadline = time.time() + timeout_s
     while True:

@@ -97,7 +97,7 @@ def test_runtime_env_excludes_keep_the_upload_to_the_code(tmp_path):
     for forbidden in (".venv/", "runs/", ".git/", ".pytest_cache/"):
         assert not any(n.startswith(forbidden) for n in names), f"{forbidden} would be uploaded"
     assert not any("__pycache__" in n for n in names)
-    for needed in ("jobs/_entry.py", "jobs/train.py", "bpo_ray/cli.py", "configs/tiny.yaml",
+    for needed in ("jobs/_entry.py", "jobs/train.py", "bpo_ray/cli.py", "bpo_ray/configs/tiny.yaml", "bpo_ray/train/deepspeed/zero2.json",
                    "cluster/runtime_env.yaml"):
         assert needed in names, f"{needed} missing from the working-dir upload"
     assert pkg.stat().st_size < 20 * 1024 * 1024, "working-dir upload unexpectedly large"
@@ -357,19 +357,19 @@ def test_kuberay_jobs_name_real_entrypoints_configs_and_runtime_env():
         assert spec["clusterSelector"] == {"ray.io/cluster": cluster_name}, fname
         assert not spec.get("shutdownAfterJobFinishes"), f"{fname}: must not delete the shared cluster"
         argv = shlex.split(spec["entrypoint"])
-        assert argv[:2] == ["python", f"jobs/{stage}.py"], f"{fname}: entrypoint {argv[:2]}"
-        assert (REPO / argv[1]).is_file()
+        # the installed package's entry point: works in the image without the checkout's jobs/
+        assert argv[:4] == ["python", "-m", "bpo_ray", stage], f"{fname}: entrypoint {argv[:4]}"
         config = argv[argv.index("--config") + 1]
-        assert (REPO / config).is_file(), f"{fname}: --config {config} does not exist"
-        from bpo_ray.config import load_config
+        from bpo_ray.config import load_config, resolve_config_path
 
-        root = load_config(str(REPO / config)).storage.root.rstrip("/")
+        assert Path(resolve_config_path(config)).is_file(), f"{fname}: --config {config} is no named config"
+        root = load_config(config).storage.root.rstrip("/")
         for uri in (a for a in argv if a.startswith("s3://")):
             assert uri.startswith(root + "/"), f"{fname}: {uri} outside storage.root {root}"
         from bpo_ray.cli import COMMANDS
 
         parser = importlib.import_module(COMMANDS[stage][0]).build_parser()
-        parser.parse_args(argv[2:])  # the stage's own CLI accepts the arguments (exits 2 if not)
+        parser.parse_args(argv[4:])  # the stage's own CLI accepts the arguments (exits 2 if not)
         env = yaml.safe_load(spec["runtimeEnvYAML"])
         assert env["working_dir"] == workdir, f"{fname}: working_dir is not the image's code dir"
         assert env["env_vars"] == laptop_env["env_vars"], f"{fname}: env differs from cluster/runtime_env.yaml"

@@ -20,7 +20,8 @@ from bpo_ray.config.shared import ModelsConfig, NumericsConfig, RayConfig, Stora
 from bpo_ray.config.train import ReferenceConfig, TrainConfig
 from bpo_ray.config.world import WorldConfig
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+#: The named configs ship inside the package (``bpo_ray/configs/``; the checkout's ``configs/`` links there).
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 class BPOConfig(StrictModel):
@@ -40,7 +41,7 @@ class BPOConfig(StrictModel):
 
 
 def resolve_config_path(name_or_path: str) -> str:
-    """``tiny`` -> ``configs/tiny.yaml``; any existing path or URI is returned unchanged."""
+    """``tiny`` -> ``bpo_ray/configs/tiny.yaml``; any existing path or URI is returned unchanged."""
     if "://" in name_or_path or Path(name_or_path).exists():
         return name_or_path
     named = CONFIG_DIR / f"{name_or_path}.yaml"

@@ -105,7 +105,7 @@ class TrainConfig(StrictModel):
     noise_steps: Optional[list[int]] = Field(
         None, description="train only on image-weakened pairs from these diffusion steps (null: all); the paper's "
         "Table 5 ablation without weakening is [0]. Other strategies' pairs are kept")
-    deepspeed_config: Optional[str] = Field(None, description="DeepSpeed JSON; default cluster/deepspeed/zero<stage>.json")
+    deepspeed_config: Optional[str] = Field(None, description="DeepSpeed JSON; default bpo_ray/train/deepspeed/zero<stage>.json")
     validation: ValidationConfig = ValidationConfig()
 
     @model_validator(mode="after")

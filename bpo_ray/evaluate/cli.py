@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from bpo_ray.cli import add_config_args
+    from bpo_ray.config.args import add_config_args
 
     parser = argparse.ArgumentParser(
         prog="bpo-ray evaluate",
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from bpo_ray.cli import config_from_args
+    from bpo_ray.config.args import config_from_args
     from bpo_ray.config import dump_config
     from bpo_ray.evaluate.pipeline import EvaluateError, collect_results, evaluate
     from bpo_ray.evaluate.report import write_report

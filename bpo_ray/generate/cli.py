@@ -17,7 +17,7 @@ from bpo_ray import storage
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from bpo_ray.cli import add_config_args
+    from bpo_ray.config.args import add_config_args
 
     ap = argparse.ArgumentParser(prog="bpo-ray generate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str]) -> int:
-    from bpo_ray.cli import config_from_args
+    from bpo_ray.config.args import config_from_args
     from bpo_ray.generate.pipeline import run_generate
     from bpo_ray.generate.shards import PlanMismatch
     from bpo_ray.generate.sources import SourceError

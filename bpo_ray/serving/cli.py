@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from bpo_ray.cli import add_config_args, config_from_args
+from bpo_ray.config.args import add_config_args, config_from_args
 
 
 def parse_adapter(text: str) -> tuple[str, str]:

@@ -49,7 +49,7 @@ def create_standalone_app(cfg: BPOConfig) -> FastAPI:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     import uvicorn
 
-    from bpo_ray.cli import add_config_args, config_from_args
+    from bpo_ray.config.args import add_config_args, config_from_args
     from bpo_ray.serving.apps import with_adapters
 
     parser = argparse.ArgumentParser(prog="python -m bpo_ray.serving.standalone", description=__doc__)

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from bpo_ray.cli import add_config_args, config_from_args
+from bpo_ray.config.args import add_config_args, config_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:

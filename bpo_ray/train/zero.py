@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO configs: the JSON files in ``cluster/deepspeed/`` with their ``"auto"`` values
+"""DeepSpeed ZeRO configs: the JSON files in ``bpo_ray/train/deepspeed/`` with their ``"auto"`` values
 filled from the train config and the actual number of workers (which can change between restarts
 of an elastic run)."""
 
@@ -12,7 +12,8 @@ from typing import Any
 from bpo_ray import storage
 from bpo_ray.config.train import TrainConfig
 
-DEEPSPEED_DIR = Path(__file__).resolve().parents[2] / "cluster" / "deepspeed"
+#: Shipped inside the package (the checkout's ``cluster/deepspeed/`` links here).
+DEEPSPEED_DIR = Path(__file__).resolve().parent / "deepspeed"
 
 
 class ZeroConfigError(ValueError):
@@ -20,7 +21,7 @@ class ZeroConfigError(ValueError):
 
 
 def deepspeed_config_path(train: TrainConfig) -> str:
-    """``train.deepspeed_config`` or ``cluster/deepspeed/zero<stage>.json`` (stages 0-1 use zero2.json's
+    """``train.deepspeed_config`` or ``bpo_ray/train/deepspeed/zero<stage>.json`` (stages 0-1 use zero2.json's
     settings with their own stage number)."""
     if train.deepspeed_config:
         return train.deepspeed_config

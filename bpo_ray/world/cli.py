@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from bpo_ray.cli import add_config_args
+    from bpo_ray.config.args import add_config_args
 
     ap = argparse.ArgumentParser(prog="bpo-ray world", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -55,7 +55,7 @@ def format_summary(evaluation: dict[str, Any]) -> str:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from bpo_ray.cli import config_from_args
+    from bpo_ray.config.args import config_from_args
     from bpo_ray.world.base_model import build_base_model
     from bpo_ray.world.build import build_world
     from bpo_ray.world.evaluate_base import evaluate_base_model

@@ -1,10 +1,12 @@
-"""``bpo-ray demo --reuse``: finished stages are kept, other settings are refused."""
+"""``bpo-ray demo``: its job runner (``python -m bpo_ray <stage>`` as a Ray job) and ``--reuse``
+(finished stages are kept, other settings are refused)."""
 
 import json
 
 import pytest
 
 from bpo_ray.demo import SETTINGS_FILE, VARIANTS, DemoError, run_demo
+from bpo_ray.localcluster import LocalCluster, submit_and_wait
 
 
 def _finished_run(out):
@@ -40,3 +42,11 @@ def test_reuse_with_other_settings_is_refused(tmp_path):
         run_demo(tmp_path, "tiny", ["world.seed=2"], num_cpus=1, reuse=True)
     # nothing was overwritten: the recorded settings are still the earlier run's
     assert json.loads((tmp_path / SETTINGS_FILE).read_text())["overrides"] == ["world.seed=1"]
+
+
+def test_stages_run_as_ray_jobs_through_python_m_bpo_ray(capsys):
+    with LocalCluster(num_cpus=1) as cluster:
+        submit_and_wait(cluster.dashboard_url, "envcheck", ["--quick"])
+        with pytest.raises(RuntimeError, match="FAILED") as failed:
+            submit_and_wait(cluster.dashboard_url, "models", ["no-such-model"], echo=False)
+        assert "no-such-model" in str(failed.value)  # the log tail names the problem
