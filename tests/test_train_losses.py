@@ -21,7 +21,7 @@ from bpo_ray.train.logprobs import (
     sequence_logps,
     token_logps,
 )
-from bpo_ray.train.loop import WarmupCosine
+from bpo_ray.train.schedule import WarmupCosine
 from bpo_ray.train.losses import PreferenceLoss, dpo_with_sft, sft_loss
 from bpo_ray.train.zero import fill_deepspeed_config, load_deepspeed_template
 
@@ -253,7 +253,7 @@ def test_zero_configs_fill_autos(stage):
 
 def test_latest_complete_checkpoint_skips_partial_uploads(tmp_path):
     from bpo_ray.train.data import DataPosition
-    from bpo_ray.train.loop import TrainState, latest_complete_checkpoint
+    from bpo_ray.train.checkpoint import TrainState, latest_complete_checkpoint
 
     def checkpoint(name: str, step: int, world: int, shards: int, adapter: bool = True) -> None:
         d = tmp_path / "checkpoints" / name

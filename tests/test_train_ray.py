@@ -131,7 +131,7 @@ def test_pairs_checkpoints_and_adapter_on_s3_resume_when_submitted_again(ray_clu
     """Everything on the loopback S3 server: the workers read the pairs from s3://, Ray Train writes
     its checkpoints there, and the same job submitted again resumes from the S3 checkpoint."""
     from bpo_ray.train.export import load_with_adapter
-    from bpo_ray.train.loop import CHECKPOINTS_DIR
+    from bpo_ray.train.checkpoint import CHECKPOINTS_DIR
 
     pairs_uri = storage.join(s3_server["root"], "train-s3", "pairs-in")
     storage.upload_dir(reference_pairs, pairs_uri)
@@ -317,7 +317,7 @@ def _adapter_tensors(path: str) -> dict:
 
 
 def _checkpoint_adapter(out: str, step: int) -> str:
-    from bpo_ray.train.loop import CHECKPOINTS_DIR
+    from bpo_ray.train.checkpoint import CHECKPOINTS_DIR
 
     for name in sorted(os.listdir(os.path.join(out, CHECKPOINTS_DIR))):
         state = os.path.join(out, CHECKPOINTS_DIR, name, "state.json")

@@ -5,7 +5,7 @@ AdamW), and then, step by step: takes its slice of the global batch, runs chosen
 through one forward pass, gets reference log-probs from the pairs (precomputed) or from the same
 model with the adapter off, and optimises the preference loss (or SFT on the chosen answers).
 
-State lives in Ray Train checkpoints: DeepSpeed's engine state (LoRA weights and optimizer
+State lives in Ray Train checkpoints (``train/checkpoint.py``): DeepSpeed's engine state (LoRA weights and optimizer
 shards), the consolidated adapter, and ``state.json`` (step, data position, schedule). A restarted
 worker group, or the same job submitted again, continues from the latest one; with a different
 number of workers (elastic resize) the adapter and position carry over and the optimizer moments
@@ -14,16 +14,11 @@ start afresh, because ZeRO's optimizer shards are laid out per worker.
 
 from __future__ import annotations
 
-import contextlib
-import json
-import math
 import os
-import resource
 import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -31,188 +26,17 @@ import torch
 from bpo_ray import numerics, storage
 from bpo_ray.config.shared import ModelsConfig
 from bpo_ray.config.train import TrainConfig
-from bpo_ray.train.data import DataPosition, PairDataset, PreparedPairs, total_samples
+from bpo_ray.train.checkpoint import DS_TAG, TrainState, load_adapter_weights, resume_point, save_adapter
+from bpo_ray.train.collectives import all_reduce_max, all_reduce_sum, broadcast
+from bpo_ray.train.data import PairDataset, PreparedPairs, total_samples
 from bpo_ray.train.logprobs import collate_pairs, forward_logps
+from bpo_ray.train.lora import apply_lora, reference_model
 from bpo_ray.train.losses import PreferenceLoss, dpo_with_sft, sft_loss
-from bpo_ray.train.lora import apply_lora, reference_model, set_base_model_uri
+from bpo_ray.train.metrics_log import MetricsLog, peak_rss_mb
+from bpo_ray.train.schedule import WarmupCosine
 from bpo_ray.train.validation import BestAdapter, batches, chosen_drop, summarise
 
-DS_TAG = "state"
-CHECKPOINTS_DIR = "checkpoints"  # the Ray Train run name: checkpoints live in OUT/checkpoints/
 FAIL_AT_STEP_ENV = "BPO_RAY_TRAIN_FAIL_AT_STEP"  # tests: kill one worker once at this step
-
-
-class WarmupCosine:
-    """Linear warmup then cosine decay to 0, as a function of the fraction of samples seen.
-
-    Driven by samples rather than steps so the schedule stays right when an elastic run resumes
-    with a different number of workers (and so a different number of samples per step).
-    """
-
-    def __init__(self, peak_lr: float, warmup_ratio: float, total_samples: int):
-        self.peak_lr, self.warmup_ratio, self.total = peak_lr, warmup_ratio, max(total_samples, 1)
-
-    def lr_at(self, samples_done: int) -> float:
-        progress = min(samples_done / self.total, 1.0)
-        if progress < self.warmup_ratio:
-            return self.peak_lr * progress / self.warmup_ratio
-        span = max(1.0 - self.warmup_ratio, 1e-12)
-        return self.peak_lr * 0.5 * (1.0 + math.cos(math.pi * (progress - self.warmup_ratio) / span))
-
-    def state_dict(self) -> dict:
-        return {"kind": "warmup_cosine", "peak_lr": self.peak_lr, "warmup_ratio": self.warmup_ratio,
-                "total_samples": self.total}
-
-
-@dataclass
-class TrainState:
-    """Everything besides tensors that a resumed run needs."""
-
-    step: int = 0
-    position: DataPosition = field(default_factory=DataPosition)
-    world_size: int = 0
-    scheduler: dict = field(default_factory=dict)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> "TrainState":
-        data = json.loads(text)
-        data["position"] = DataPosition(**data["position"])
-        return cls(**data)
-
-
-class MetricsLog:
-    """``metrics.jsonl`` on local disk (appended) or object storage (rewritten on ``flush``)."""
-
-    def __init__(self, uri: str):
-        self.uri = uri
-        self.remote = storage.is_remote(uri)
-        self.lines: list[str] = []
-        if self.remote and storage.exists(uri):
-            self.lines = storage.read_text(uri).splitlines()
-
-    def write(self, record: dict) -> None:
-        line = json.dumps(record, sort_keys=True)
-        if self.remote:
-            self.lines.append(line)
-            return
-        path = storage.filesystem(self.uri)[1]
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
-
-    def flush(self) -> None:
-        if self.remote:
-            storage.write_text(self.uri, "".join(line + "\n" for line in self.lines))
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(t)
-    return t.tolist()
-
-
-def _broadcast(value: Any) -> Any:
-    """Rank 0's ``value`` on every rank (unchanged when not distributed)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        box = [value]
-        torch.distributed.broadcast_object_list(box, src=0)
-        value = box[0]
-    return value
-
-
-def _all_reduce_max(value: float, device: torch.device) -> float:
-    t = torch.tensor([value], dtype=torch.float32, device=device)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return float(t.item())
-
-
-def save_adapter(policy, out_dir: str, rank: int, zero_stage: int, base_model_uri: str) -> None:
-    """Consolidated PEFT adapter (safetensors) written by rank 0; ZeRO-3 gathers the shards first,
-    so every rank must call this."""
-    trainable = [p for p in policy.parameters() if p.requires_grad]
-    gathered = contextlib.nullcontext()
-    if zero_stage == 3:
-        import deepspeed
-
-        gathered = deepspeed.zero.GatheredParameters(trainable, modifier_rank=None)
-    with gathered:
-        if rank == 0:
-            policy.save_pretrained(out_dir, safe_serialization=True)
-            set_base_model_uri(out_dir, base_model_uri)
-
-
-def _load_adapter_weights(policy, adapter_dir: str) -> None:
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    set_peft_model_state_dict(policy, load_file(os.path.join(adapter_dir, "adapter_model.safetensors")))
-
-
-def _checkpoint_step(fs, path: str) -> Optional[int]:
-    try:
-        with fs.open_input_stream(f"{path}/state.json") as f:
-            return TrainState.from_json(f.read().decode()).step
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def latest_complete_checkpoint(out_uri: str) -> Optional[tuple[int, str]]:
-    """``(step, uri)`` of the newest checkpoint in ``out/checkpoints`` whose every part arrived:
-    ``state.json``, the adapter, and one ZeRO optimizer shard per rank of the run that wrote it.
-
-    Ray Train only hands a restarted worker group the checkpoints its controller had registered;
-    a worker killed right after uploading one can beat that registration. The files are already
-    in storage then, so looking there as well makes the resume point the real latest one.
-    """
-    best: Optional[tuple[int, str]] = None
-    files = storage.list_files(storage.join(out_uri, CHECKPOINTS_DIR))
-    by_dir: dict[str, list[str]] = {}
-    for f in files:
-        rel = f[len(storage.join(out_uri, CHECKPOINTS_DIR)) + 1:]
-        if rel.startswith("checkpoint_") and "/" in rel:
-            by_dir.setdefault(rel.split("/", 1)[0], []).append(rel.split("/", 1)[1])
-    for name, parts in by_dir.items():
-        uri = storage.join(out_uri, CHECKPOINTS_DIR, name)
-        if "state.json" not in parts or "adapter/adapter_model.safetensors" not in parts:
-            continue
-        try:
-            state = TrainState.from_json(storage.read_text(storage.join(uri, "state.json")))
-        except (storage.StorageError, ValueError, KeyError, TypeError):
-            continue
-        shards = [p for p in parts if p.startswith("deepspeed/") and p.endswith("_optim_states.pt")]
-        if len(shards) == state.world_size and (best is None or state.step > best[0]):
-            best = (state.step, uri)
-    return best
-
-
-def _resume_point(checkpoint, out_uri: str, rank: int) -> Optional[tuple[str, Any, str]]:
-    """``(source, filesystem, path)`` of the checkpoint to resume from, decided by rank 0 (so all
-    ranks restore the same one): Ray Train's latest, or a newer complete one found in storage."""
-    choice = None
-    if rank == 0:
-        candidates = []
-        if checkpoint is not None:
-            candidates.append((_checkpoint_step(checkpoint.filesystem, checkpoint.path) or -1, "ray",
-                               checkpoint.path))
-        found = latest_complete_checkpoint(out_uri)
-        if found is not None:
-            candidates.append((found[0], "storage", storage.filesystem(found[1])[1]))
-        if candidates:
-            step, source, path = max(candidates, key=lambda c: (c[0], c[1] == "ray"))
-            choice = (source, path)
-    choice = _broadcast(choice)
-    if choice is None:
-        return None
-    return choice[0], storage.filesystem(out_uri)[0], choice[1]
 
 
 def _maybe_fail(step: int, rank: int, world: int, out_uri: str) -> None:
@@ -288,7 +112,7 @@ def _validate(engine, dataset: PairDataset, train: TrainConfig, loss_fn, device,
     finally:
         engine.train()
     keys = sorted(sums)
-    return _broadcast(summarise(dict(zip(keys, _all_reduce_sum([sums[k] for k in keys], device)))))
+    return broadcast(summarise(dict(zip(keys, all_reduce_sum([sums[k] for k in keys], device)))))
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -325,7 +149,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     state = TrainState(world_size=world)
     restore_dir: Optional[str] = None
-    resume = _resume_point(ray.train.get_checkpoint(), out_uri, rank)
+    resume = resume_point(ray.train.get_checkpoint(), out_uri, rank)
     resume_source = None
     if resume is not None:
         resume_source, fs, path = resume
@@ -333,7 +157,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         ray.train.Checkpoint(path=path, filesystem=fs).to_directory(restore_dir)
         state = TrainState.from_json(open(os.path.join(restore_dir, "state.json")).read())
         if state.world_size != world:  # elastic resize: adapter and position carry over
-            _load_adapter_weights(policy, os.path.join(restore_dir, "adapter"))
+            load_adapter_weights(policy, os.path.join(restore_dir, "adapter"))
 
     from bpo_ray.train.zero import fill_deepspeed_config
 
@@ -371,7 +195,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     val_dataset = PairDataset(prepared, processor, train.max_length, held_out=True) if val_cfg.enabled else None
     best = BestAdapter(val_cfg, out_uri) if val_cfg.enabled and val_cfg.keep_best else None
     if best is not None and resume is not None:  # an earlier attempt's best stays a candidate
-        best.record = _broadcast(best.load() if rank == 0 else None)
+        best.record = broadcast(best.load() if rank == 0 else None)
 
     log = MetricsLog(storage.join(out_uri, "metrics.jsonl")) if rank == 0 else None
     if log:
@@ -422,7 +246,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             save_adapter(engine.module, tmp, rank, train.zero_stage, models.mllm)  # ZeRO-3: every rank gathers
             if rank == 0:
                 best.save(tmp, state.step, value)
-            best.record = _broadcast(best.record)
+            best.record = broadcast(best.record)
             shutil.rmtree(tmp, ignore_errors=True)
         if best is not None and best.record is not None:
             metrics.update(val_best_step=best.record.step, val_best=best.record.value)
@@ -456,14 +280,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 sums[k] = sums.get(k, 0.0) + v
         state.step += 1
         keys = sorted(sums)
-        reduced = dict(zip(keys, _all_reduce_sum([sums[k] for k in keys], device)))
+        reduced = dict(zip(keys, all_reduce_sum([sums[k] for k in keys], device)))
         n = reduced.pop("n")
         elapsed = time.perf_counter() - t_step
         metrics = {k: v / n for k, v in reduced.items()}
         metrics.update(step=state.step, epoch=state.position.epoch, samples_seen=state.position.samples_seen,
                        lr=lr, samples_per_s=step_samples / elapsed, step_time_s=elapsed, world_size=world,
                        ref_forwards=counters["ref_forwards"], mode=train.mode,
-                       peak_rss_mb=_all_reduce_max(peak_rss_mb(), device))
+                       peak_rss_mb=all_reduce_max(peak_rss_mb(), device))
         validated = val_dataset is not None and (state.step % val_cfg.every_steps == 0 or state.step == steps_total)
         stop = validated and validate(metrics)
         final = state.step == steps_total or stop

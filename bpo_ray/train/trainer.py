@@ -34,7 +34,8 @@ from bpo_ray.config.train import LoraConfig, TrainConfig
 from bpo_ray.raycluster import worker_runtime_env
 from bpo_ray.schemas import Manifest, ManifestCounts, library_versions, read_manifest
 from bpo_ray.train.data import PairsError, PreparedPairs, pairs_location, prepare_pairs
-from bpo_ray.train.loop import CHECKPOINTS_DIR, FAIL_AT_STEP_ENV, train_loop_per_worker
+from bpo_ray.train.checkpoint import CHECKPOINTS_DIR
+from bpo_ray.train.loop import FAIL_AT_STEP_ENV, train_loop_per_worker
 from bpo_ray.train.lora import resolve_targets
 from bpo_ray.train.plots import plot_logps, read_metrics
 from bpo_ray.train.validation import VALIDATION_DIR, summary as validation_summary
