@@ -211,3 +211,31 @@ def test_config_accepts_the_new_benchmarks():
     assert cfg.evaluate.benchmarks == ["objhal", "amber"] and cfg.evaluate.amber.spacy_model == "en_core_web_lg"
     with pytest.raises(ConfigError):
         load_config("tiny", ["evaluate.amber.similarity=word2vec"])
+
+
+def test_amber_normalized_reading_is_reported_beside_the_official_one():
+    assert [amber.normalized_yes_no(a) for a in ("No.", " no", "YES!", "Yes, there is.", "Maybe", "")] == [
+        "No", "No", "Yes", "Yes", "Maybe", ""]
+    annotations = json.loads((PARITY / "amber" / "annotations.json").read_text())
+    responses = {r["id"]: r["response"] for r in json.loads((PARITY / "amber" / "responses.json").read_text())}
+    rows = [{"id": f"amber/{a['id']}", "answer": responses[a["id"]],
+             "meta": json.dumps({"type": a["type"], "truth": a["truth"], "hallu": []})}
+            for a in annotations if a["type"] != "generative"]
+    metrics, _ = amber.score(rows, {})
+    official, lenient = metrics["discriminative"]["all"], metrics["discriminative_normalized"]["all"]
+    assert lenient["Accuracy"] > official["Accuracy"]  # "No." and "no" now count
+
+
+def test_report_shows_objhal_and_amber_columns_only_when_present():
+    from bpo_ray.evaluate.report import headline_values, markdown_report
+
+    base = {"benchmarks": {"objhal": {"CHAIRs_refine": 0.5, "CHAIRi": 0.25},
+                           "amber": {"generative": {"CHAIR": 10.0, "Cover": 50.0, "Hal": 40.0, "Cog": 3.0},
+                                     "discriminative": {"all": {"Accuracy": 70.0, "Precision": 1, "Recall": 1, "F1": 75.5}}}}}
+    tuned = {"benchmarks": {"objhal": {"CHAIRs_refine": 0.4, "CHAIRi": 0.2}}}
+    values = headline_values({"base": base, "bpo": tuned})
+    assert values["base"]["ObjHal Resp ↓"] == 50.0 and values["bpo"]["ObjHal Ment ↓"] == 20.0
+    assert values["base"]["AMBER F1"] == 75.5 and values["bpo"]["AMBER F1"] is None
+    text = markdown_report({"base": base, "bpo": tuned})
+    assert "40.0 (−10.0)" in text and "AMBER Hal ↓" in text
+    assert "ObjHal" not in markdown_report({"x": {"benchmarks": {"pope": {}}}})

@@ -38,6 +38,14 @@ def exact_only(a: str, b: str) -> float:
     return 0.0
 
 
+def normalized_yes_no(answer: str) -> str:
+    """bpo-ray's lenient reading, reported beside the official one: the first word, stripped of
+    punctuation and case, "yes" -> "Yes", "no" -> "No" ("No, there is not." counts as "No")."""
+    words = answer.strip().split()
+    first = words[0].strip(".,!?;:\"'").lower() if words else ""
+    return {"yes": "Yes", "no": "No"}.get(first, answer)
+
+
 def load(settings: AmberSettings, max_items: Optional[int]) -> LoadedBenchmark:
     if not (settings.annotations and settings.queries and settings.images):
         raise BenchmarkDataError("amber needs evaluate.amber.annotations, queries and images")
@@ -72,7 +80,8 @@ def load(settings: AmberSettings, max_items: Optional[int]) -> LoadedBenchmark:
 def score(rows: Sequence[Mapping[str, Any]], info: Mapping[str, Any], similarity: Optional[Similarity] = None,
           nouns: Optional[NounExtractor] = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Printed AMBER numbers: ``discriminative`` (all / existence / attribute / state / number /
-    action / relation) and ``generative`` (CHAIR, Cover, Hal, Cog). ``similarity``/``nouns``
+    action / relation; official exact "Yes"/"No" reading), ``discriminative_normalized`` (the same
+    under ``normalized_yes_no``) and ``generative`` (CHAIR, Cover, Hal, Cog). ``similarity``/``nouns``
     default to what ``info`` configures."""
     metas = [row_meta(r) for r in rows]
     metrics: dict[str, Any] = {}
@@ -81,6 +90,7 @@ def score(rows: Sequence[Mapping[str, Any]], info: Mapping[str, Any], similarity
     if disc:
         metrics["discriminative"] = score_discriminative(disc)
         metrics["answers_not_yes_no"] = sum(a not in ("Yes", "No") for _, _, a in disc)
+        metrics["discriminative_normalized"] = score_discriminative((k, t, normalized_yes_no(a)) for k, t, a in disc)
     gen = [(r, m) for r, m in zip(rows, metas) if m["type"] == "generative"]
     if gen:
         label = "custom" if similarity else info.get("similarity", "none")
