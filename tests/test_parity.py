@@ -113,6 +113,13 @@ def objhal_extractor() -> ObjHalExtractor:
     return ObjHalExtractor((PARITY / "objhal" / "synonyms_refine.txt").read_text().splitlines(), lemmatizer)
 
 
+def test_tokenizer_matches_nltk_381_word_tokenize_on_edge_cases() -> None:
+    golden = _json("nltk_word_tokenize_golden.json")
+    assert len(golden) > 30
+    for text, tokens in golden:
+        assert word_tokenize(text) == tokens, text
+
+
 def test_wordnet_lemmatizer_matches_nltk_on_every_input_token() -> None:
     golden: dict[str, str] = _json("objhal_wordnet_lemmas_golden.json")
     lemmatizer = NounLemmatizer.from_dir(str(PARITY / "objhal" / "wordnet"))
