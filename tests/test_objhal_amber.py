@@ -133,6 +133,34 @@ def test_objhal_missing_inputs_are_clear_errors(tmp_path):
         objhal.load(bad, None)
 
 
+def _golden_stand_ins() -> tuple[Callable[[str], list[str]], Callable[[str, str], float]]:
+    """The noun lists and similarity table the AMBER golden run used in place of NLTK's tagger and
+    spaCy (neither can be installed here with its data)."""
+    responses = {r["id"]: r["response"] for r in json.loads((PARITY / "amber" / "responses.json").read_text())}
+    nouns = {responses[int(k)]: v for k, v in json.loads((PARITY / "amber" / "nouns.json").read_text()).items()}
+    table = {(a, b): s for a, b, s in json.loads((PARITY / "amber" / "similarity.json").read_text())}
+    return (lambda text: list(nouns[text])), (lambda a, b: table.get((a, b), 0.0))
+
+
+@pytest.fixture
+def amber_stand_ins(monkeypatch):
+    nouns, similarity = _golden_stand_ins()
+    monkeypatch.setattr(amber, "generative_tools", lambda *args: (nouns, similarity))
+    return nouns, similarity
+
+
+def test_amber_generative_fails_fast_without_a_noun_tagger():
+    import importlib.util
+
+    if importlib.util.find_spec("nltk") is not None:
+        pytest.skip("nltk is installed here; the missing-tagger path is not reachable")
+    settings = AmberSettings(annotations=str(PARITY / "amber" / "annotations.json"),
+                             queries=str(PARITY / "amber" / "query_all.json"), relation=str(PARITY / "amber" / "relation.json"),
+                             images="/img")
+    with pytest.raises(BenchmarkDataError, match="install nltk"):
+        amber.load(settings, None)
+
+
 def _amber_settings(put: Callable[[str, str], str], queries: str) -> AmberSettings:
     uris = {name: put(f"amber/{name}", (PARITY / "amber" / name).read_text()) for name in AMBER_FILES}
     return AmberSettings(annotations=uris["annotations.json"], queries=put("amber/queries.json", queries),
@@ -154,7 +182,7 @@ def _check_amber(settings: AmberSettings) -> None:
     assert [i.meta["truth"] for i in loaded.items] == [a["truth"] for a in annotations]
 
 
-def test_amber_loader_reads_the_public_formats_locally_and_from_s3(tmp_path, s3_server):
+def test_amber_loader_reads_the_public_formats_locally_and_from_s3(tmp_path, s3_server, amber_stand_ins):
     from bpo_ray import storage
 
     def put_local(name: str, text: str) -> str:
@@ -171,7 +199,7 @@ def test_amber_loader_reads_the_public_formats_locally_and_from_s3(tmp_path, s3_
         _check_amber(_amber_settings(put, _amber_queries_with_bad_rows()))
 
 
-def test_amber_adapter_scores_the_reference_numbers():
+def test_amber_adapter_scores_the_reference_numbers(amber_stand_ins):
     golden = json.loads((PARITY / "amber_official_golden.json").read_text())
     settings = AmberSettings(annotations=str(PARITY / "amber" / "annotations.json"),
                              queries=str(PARITY / "amber" / "query_all.json"), relation=str(PARITY / "amber" / "relation.json"),
@@ -179,17 +207,17 @@ def test_amber_adapter_scores_the_reference_numbers():
     loaded = amber.load(settings, None)
     responses = {r["id"]: r["response"] for r in json.loads((PARITY / "amber" / "responses.json").read_text())}
     rows = _answered(loaded.items, [responses[i.meta["amber_id"]] for i in loaded.items])
-    nouns = {responses[int(k)]: v for k, v in json.loads((PARITY / "amber" / "nouns.json").read_text()).items()}
-    table = {(a, b): s for a, b, s in json.loads((PARITY / "amber" / "similarity.json").read_text())}
-    metrics, details = amber.score(rows, loaded.info, similarity=lambda a, b: table.get((a, b), 0.0),
-                                   nouns=lambda text: list(nouns[text]))
+    nouns, similarity = amber_stand_ins
+    metrics, details = amber.score(rows, loaded.info, similarity=similarity, nouns=nouns)
     assert metrics["generative"] == golden["printed"]["Generative Task"] and metrics["similarity"] == "custom"
     assert metrics["discriminative"]["all"] == golden["printed"]["Descriminative Task"]
     assert metrics["discriminative"]["relation"] == golden["printed"]["Relation"]
     assert metrics["answers_not_yes_no"] == 6  # "No.", "yes", "no", " No", "NO", "Yes, there is.": none counts
-    # without a similarity the generative scorer falls back to exact matches, and says so
-    exact, _ = amber.score(rows, loaded.info, nouns=lambda text: list(nouns[text]))
-    assert exact["similarity"] == "none" and exact["generative"]["CHAIR"] >= metrics["generative"]["CHAIR"]
+    # the configured tools (similarity: none = exact matches only) are used when none is passed
+    exact, _ = amber.score(rows, loaded.info, similarity=amber.exact_only, nouns=nouns)
+    assert exact["generative"]["CHAIR"] > metrics["generative"]["CHAIR"]  # "bus" ~ "car" no longer rescues
+    configured, _ = amber.score(rows, loaded.info)
+    assert configured["similarity"] == "none" and configured["generative"] == metrics["generative"]
     # discriminative only: no noun extractor or similarity needed
     disc, _ = amber.score([r for r in rows if json.loads(r["meta"])["type"] != "generative"], loaded.info)
     assert "generative" not in disc and disc["discriminative"] == metrics["discriminative"]

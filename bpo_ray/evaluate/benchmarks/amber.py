@@ -11,7 +11,8 @@ exact matches only and the metrics say so (not comparable with published AMBER n
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional, Sequence
+import functools
+from typing import Any, Mapping, Optional, Sequence
 
 from bpo_ray import storage
 from bpo_ray.config.evaluate import AmberSettings
@@ -46,6 +47,16 @@ def normalized_yes_no(answer: str) -> str:
     return {"yes": "Yes", "no": "No"}.get(first, answer)
 
 
+@functools.lru_cache(maxsize=4)
+def generative_tools(similarity: str, spacy_model: str, wordnet: Optional[str]) -> tuple[NounExtractor, Similarity]:
+    """The noun extractor (NLTK tagger + WordNet, as the reference) and the word similarity the
+    generative scorer uses, built once per process and tried on a sentence, so a missing package
+    or data file fails before any request is sent."""
+    nouns = nltk_noun_extractor(wordnet)
+    nouns("A dog sits on a chair.")  # the tagger's data is only read on first use
+    return nouns, (spacy_similarity(spacy_model) if similarity == "spacy" else exact_only)
+
+
 def load(settings: AmberSettings, max_items: Optional[int]) -> LoadedBenchmark:
     if not (settings.annotations and settings.queries and settings.images):
         raise BenchmarkDataError("amber needs evaluate.amber.annotations, queries and images")
@@ -71,6 +82,12 @@ def load(settings: AmberSettings, max_items: Optional[int]) -> LoadedBenchmark:
             continue
         if max_items and len(loaded.items) >= max_items:
             break
+        if ann.get("type") == "generative" and not loaded.info.get("tools_checked"):
+            try:
+                generative_tools(settings.similarity, settings.spacy_model, settings.wordnet)
+            except (RuntimeError, LookupError, OSError) as exc:
+                raise BenchmarkDataError(f"amber generative queries cannot be scored here: {exc}") from None
+            loaded.info["tools_checked"] = True
         meta = {"amber_id": ann["id"], "type": ann["type"], "truth": ann["truth"], "hallu": ann.get("hallu", [])}
         loaded.items.append(EvalItem(f"{NAME}/{ann['id']}", NAME, resolve_image_uri(query["image"], settings.images),
                                      query["query"], category=ann["type"], meta=meta))
@@ -94,9 +111,11 @@ def score(rows: Sequence[Mapping[str, Any]], info: Mapping[str, Any], similarity
     gen = [(r, m) for r, m in zip(rows, metas) if m["type"] == "generative"]
     if gen:
         label = "custom" if similarity else info.get("similarity", "none")
-        if similarity is None:
-            similarity = spacy_similarity(info["spacy_model"]) if label == "spacy" else exact_only
-        extract: Callable[[str], list[str]] = nouns or nltk_noun_extractor(info.get("wordnet"))
+        if similarity is None or nouns is None:
+            default_nouns, default_similarity = generative_tools(info.get("similarity", "none"),
+                                                                 info.get("spacy_model", "en_core_web_lg"), info.get("wordnet"))
+            similarity, nouns = similarity or default_similarity, nouns or default_nouns
+        extract = nouns
         report = score_generative([(extract(r["answer"]), m["truth"], m["hallu"]) for r, m in gen],
                                   info["relation"], info.get("safe_words", []), similarity, info.get("threshold", 0.8))
         metrics["generative"] = report.printed()
