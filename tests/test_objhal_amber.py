@@ -131,6 +131,12 @@ def test_objhal_missing_inputs_are_clear_errors(tmp_path):
                          synonyms=str(PARITY / "objhal" / "synonyms_refine.txt"), wordnet=str(PARITY / "objhal" / "wordnet"))
     with pytest.raises(BenchmarkDataError, match="none.json"):
         objhal.load(bad, None)
+    instances = json.loads((PARITY / "objhal" / "instances_val2014.json").read_text())
+    instances["categories"].append({"id": 999, "name": "hovercraft"})
+    instances["annotations"].append({"id": 9999, "image_id": 2000, "category_id": 999})
+    (tmp_path / "instances.json").write_text(json.dumps(instances))
+    with pytest.raises(BenchmarkDataError, match="hovercraft"):
+        objhal.load(bad.model_copy(update={"instances": str(tmp_path / "instances.json")}), None)
 
 
 def _golden_stand_ins() -> tuple[Callable[[str], list[str]], Callable[[str, str], float]]:

@@ -62,7 +62,10 @@ def load(settings: ObjHalSettings, max_items: Optional[int]) -> LoadedBenchmark:
         usable.append(record)
     ids = [int(r["image_id"]) for r in usable]
     captions = read_json(settings.captions) if settings.captions else None
-    truth = coco_objhal_truth(read_json(settings.instances), captions, extractor, ids)
+    try:
+        truth = coco_objhal_truth(read_json(settings.instances), captions, extractor, ids)
+    except ValueError as exc:  # a category the synonyms file does not know: the files do not belong together
+        raise BenchmarkDataError(f"{settings.instances} with {settings.synonyms}: {exc}") from None
     for index, record in enumerate(usable):
         if max_items and len(loaded.items) >= max_items:
             break
