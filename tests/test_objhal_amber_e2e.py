@@ -6,7 +6,6 @@ reference golden, and every input row is accounted for in items.jsonl / skipped.
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 import time
 from pathlib import Path
