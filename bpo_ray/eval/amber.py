@@ -182,20 +182,22 @@ def score_generative(rows: Sequence[tuple[Sequence[str], Sequence[str], Sequence
 
 
 def nltk_noun_extractor(wordnet_dir: Optional[str] = None) -> NounExtractor:
-    """The reference's ``extract_nouns``: NLTK ``word_tokenize`` + ``pos_tag`` (tags starting "NN"),
+    """The reference's ``extract_nouns``: ``word_tokenize`` + NLTK ``pos_tag`` (tags starting "NN"),
     WordNet lemma. Needs the ``nltk`` package with its tagger data installed (not a bpo-ray
-    dependency); the lemma comes from ``bpo_ray.eval.wordnet``."""
+    dependency); tokens come from ``bpo_ray.eval.nltk_tokenize`` (NLTK 3.8.1's rules, so Punkt's
+    data is not needed) and lemmas from ``bpo_ray.eval.wordnet``."""
     try:
         import nltk
     except ImportError as exc:
         raise RuntimeError("AMBER generative scoring needs a noun extractor: install nltk and its "
                            "averaged_perceptron_tagger data, or pass one") from exc
+    from bpo_ray.eval.nltk_tokenize import word_tokenize
     from bpo_ray.eval.wordnet import NounLemmatizer
 
     lemmatizer = NounLemmatizer.from_dir(wordnet_dir)
 
     def extract(text: str) -> list[str]:
-        tagged = nltk.pos_tag(nltk.word_tokenize(text))
+        tagged = nltk.pos_tag(word_tokenize(text))
         return [lemmatizer.lemmatize(word) for word, tag in tagged if tag.startswith("NN")]
 
     return extract

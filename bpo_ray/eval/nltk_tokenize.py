@@ -1,4 +1,4 @@
-"""``nltk.word_tokenize`` as NLTK 3.8.1 behaves on lower-cased answers (RLAIF-V pins NLTK 3.8.1).
+"""``nltk.word_tokenize`` as NLTK 3.8.1 behaves (RLAIF-V pins NLTK 3.8.1; AMBER uses it too).
 
 Two steps, as ``word_tokenize`` takes them:
 
@@ -66,14 +66,18 @@ def _is_break(word: str, mark: str, following: str) -> bool:
     if splits:
         last = splits[-1]
         core = word[last.start():] if last.group() in ("'", "?", "!") else word[last.end():]
-    if _NUMBER.fullmatch(core) or _INITIAL.fullmatch(core):
-        # Punkt's orthographic heuristic: a lower-case or punctuation token next makes it no break
-        return not (following[0].islower() or following[0] in ";:,.!?")
+    # Punkt's orthographic heuristic: a lower-case or punctuation token next makes a number or an
+    # initial no break; an initial before an upper-case token is taken for an abbreviation too
+    ortho_no_break = following[0].islower() or following[0] in ";:,.!?"
+    if _NUMBER.fullmatch(core):
+        return not ortho_no_break
+    if _INITIAL.fullmatch(core):
+        return not (ortho_no_break or following[0].isupper())
     return True
 
 
 def punkt_sentences(text: str) -> list[str]:
-    """Sentences of ``text`` as an untrained ``PunktSentenceTokenizer`` splits lower-cased text:
+    """Sentences of ``text`` as an untrained ``PunktSentenceTokenizer`` splits them:
     candidates are ".", "?", "!" before punctuation or white space (the last one of a word),
     decided by ``_is_break``; closing quotes and brackets followed by white space are carried back
     to the sentence they close."""
@@ -106,7 +110,7 @@ _CONTRACTIONS = [re.compile(p) for p in (
 
 
 def word_tokenize(text: str) -> list[str]:
-    """Tokens as NLTK 3.8.1's ``word_tokenize`` gives them for a lower-cased answer."""
+    """Tokens as NLTK 3.8.1's ``word_tokenize`` gives them (with an untrained Punkt)."""
     tokens: list[str] = []
     for sentence in punkt_sentences(text):
         for pattern, replacement in _STARTING_QUOTES + _PUNCTUATION:
