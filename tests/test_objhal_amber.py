@@ -272,3 +272,25 @@ def test_report_shows_objhal_and_amber_columns_only_when_present():
     text = markdown_report({"base": base, "bpo": tuned})
     assert "40.0 (−10.0)" in text and "AMBER Hal ↓" in text
     assert "ObjHal" not in markdown_report({"x": {"benchmarks": {"pope": {}}}})
+
+
+def test_amber_noun_extractor_wiring_tokens_tags_and_lemmas(monkeypatch):
+    """NLTK's tagger data cannot be installed here, so a stand-in ``pos_tag`` (nouns: words ending
+    in "s" or listed) checks what surrounds it: NLTK 3.8.1 tokens in, NN* kept, WordNet lemmas out."""
+    import sys
+    import types
+
+    from bpo_ray.eval.amber import nltk_noun_extractor
+
+    seen: list[list[str]] = []
+    fake = types.ModuleType("nltk")
+
+    def pos_tag(tokens: list[str]) -> list[tuple[str, str]]:
+        seen.append(tokens)
+        return [(t, "NNS" if t.endswith("s") else "NN" if t in {"man", "dog"} else "DT") for t in tokens]
+
+    fake.pos_tag = pos_tag
+    monkeypatch.setitem(sys.modules, "nltk", fake)
+    extract = nltk_noun_extractor(str(PARITY / "objhal" / "wordnet"))
+    assert extract("A man walks two dogs; glasses.") == ["man", "walk", "dog", "glass"]
+    assert seen == [["A", "man", "walks", "two", "dogs", ";", "glasses", "."]]
