@@ -13,9 +13,13 @@ from typing import Any
 
 import pytest
 
+from bpo_ray.eval.amber import score_discriminative, score_generative
 from bpo_ray.eval.chair import chair_report, score_caption
+from bpo_ray.eval.nltk_tokenize import word_tokenize
+from bpo_ray.eval.objhal import ObjHalExtractor, ObjHalReport, clean_answer, coco_objhal_truth, score_answer
 from bpo_ray.eval.pope import parse_pope_official, score_pope
 from bpo_ray.eval.rohrbach import RohrbachExtractor, pattern_singularize
+from bpo_ray.eval.wordnet import NounLemmatizer
 from bpo_ray.evaluate.benchmarks import pope
 from bpo_ray.evaluate.benchmarks.chair import coco_truth
 
@@ -98,3 +102,92 @@ def test_pope_benchmark_reports_official_numbers_and_strict_beside_them() -> Non
     assert [d["prediction"] for d in details] == golden["random"]["predictions"] + golden["adversarial"]["predictions"]
     nope = next(d for d in details if d["id"] == "random-2")  # "Nope."
     assert (nope["prediction"], nope["prediction_strict"]) == ("yes", "no")
+
+
+# ------------------------------------------------------------------------- Object HalBench
+
+
+@pytest.fixture(scope="module")
+def objhal_extractor() -> ObjHalExtractor:
+    lemmatizer = NounLemmatizer.from_dir(str(PARITY / "objhal" / "wordnet"))
+    return ObjHalExtractor((PARITY / "objhal" / "synonyms_refine.txt").read_text().splitlines(), lemmatizer)
+
+
+def test_tokenizer_matches_nltk_381_word_tokenize_on_edge_cases() -> None:
+    golden = _json("nltk_word_tokenize_golden.json")
+    assert len(golden) > 30
+    for text, tokens in golden:
+        assert word_tokenize(text) == tokens, text
+
+
+def test_wordnet_lemmatizer_matches_nltk_on_every_input_token() -> None:
+    golden: dict[str, str] = _json("objhal_wordnet_lemmas_golden.json")
+    lemmatizer = NounLemmatizer.from_dir(str(PARITY / "objhal" / "wordnet"))
+    assert {token: lemmatizer.lemmatize(token) for token in golden} == golden
+    assert (golden["buses"], golden["men"], golden["glasses"], golden["ties"]) == ("bus", "men", "glass", "tie")
+
+
+def test_objhal_matches_rlaifv_reference_answer_by_answer(objhal_extractor: ObjHalExtractor) -> None:
+    golden = _json("objhal_official_golden.json")
+    answers = [json.loads(line) for line in (PARITY / "objhal" / "obj_halbench_answer.jsonl").read_text().splitlines()]
+    instances, captions = _json("objhal/instances_val2014.json"), _json("objhal/captions_val2014.json")
+    truth = coco_objhal_truth(instances, captions, objhal_extractor, [a["image_id"] for a in answers])
+    assert len(golden["sentences"]) == len(answers)
+    items = []
+    for row, expected in zip(answers, golden["sentences"]):
+        answer = clean_answer(row["text"])
+        assert answer == expected["caption"]
+        assert word_tokenize(answer.lower()) == expected["tokens"], answer
+        found = objhal_extractor.caption_words(answer)
+        assert found.tokens == expected["words"], answer
+        assert [[w, o] for w, o in zip(found.words, found.objects)] == expected["mscoco_generated_words"], answer
+        assert sorted(truth[row["image_id"]]) == expected["mscoco_gt_words"], answer
+        item = score_answer(answer, truth[row["image_id"]], objhal_extractor)
+        assert [node[-1] for _, node in expected["mscoco_hallucinated_words"]] == item.hallucinated, answer
+        assert [p for o, p in zip(found.objects, found.positions) if o not in truth[row["image_id"]]] == expected["hallucination_idxs"]
+        assert int(item.is_hallucinated) == expected["metrics"]["CHAIRs"]
+        items.append(item)
+    ours = ObjHalReport(items).summary()
+    for key, value in golden["overall_metrics"].items():
+        if key.startswith("all_gpt"):
+            continue
+        assert ours[key] == value, key
+    assert ours["CHAIRs_refine"] > ours["CHAIRs"]  # answers naming no COCO object leave the denominator
+
+
+# ------------------------------------------------------------------------------------ AMBER
+
+
+def _amber_inputs() -> tuple[list[dict[str, Any]], dict[int, str]]:
+    annotations = _json("amber/annotations.json")
+    responses = {r["id"]: r["response"] for r in _json("amber/responses.json")}
+    return annotations, responses
+
+
+def test_amber_discriminative_matches_official_inference_py() -> None:
+    printed = _json("amber_official_golden.json")["printed"]
+    annotations, responses = _amber_inputs()
+    ours = score_discriminative((a["type"], a["truth"], responses[a["id"]])
+                                for a in annotations if a["type"] != "generative")
+    names = {"all": "Descriminative Task", "existence": "Exsitence", "attribute": "Attribute", "state": "State",
+             "number": "Number", "action": "Action", "relation": "Relation"}
+    for key, section in names.items():
+        assert ours[key] == printed[section], key
+
+
+def test_amber_generative_with_the_golden_runs_similarity_matches_official() -> None:
+    golden = _json("amber_official_golden.json")
+    annotations, _ = _amber_inputs()
+    nouns = _json("amber/nouns.json")
+    table = {(a, b): s for a, b, s in _json("amber/similarity.json")}
+    calls: list[list[str]] = []
+
+    def similarity(a: str, b: str) -> float:
+        calls.append([a, b])
+        return table.get((a, b), 0.0)
+
+    rows = [(nouns[str(a["id"])], a["truth"], a["hallu"]) for a in annotations if a["type"] == "generative"]
+    safe = (PARITY / "amber" / "safe_words.txt").read_text().split("\n")
+    report = score_generative(rows, _json("amber/relation.json"), safe, similarity, threshold=0.8)
+    assert report.printed() == golden["printed"]["Generative Task"]
+    assert calls == golden["similarity_calls"]  # the same comparisons, in the same order

@@ -13,7 +13,7 @@ from pydantic import Field, model_validator
 
 from bpo_ray.config.base import StrictModel
 
-BENCHMARK_NAMES: tuple[str, ...] = ("chair", "pope", "mmvet", "llava_bench")
+BENCHMARK_NAMES: tuple[str, ...] = ("chair", "pope", "mmvet", "llava_bench", "objhal", "amber")
 
 
 class ChairSettings(StrictModel):
@@ -103,8 +103,38 @@ class LlavaBenchSettings(StrictModel):
         return self
 
 
+class ObjHalSettings(StrictModel):
+    """Object HalBench as RLHF-V / RLAIF-V score it (``bpo_ray.eval.objhal``); no bias-world source."""
+
+    questions: Optional[str] = Field(None, description="obj_halbench_300_with_image.jsonl ({image_id, question, image (base64) | image_path})")
+    instances: Optional[str] = Field(None, description="COCO instances_val2014.json")
+    captions: Optional[str] = Field(None, description="COCO captions_val2014.json")
+    synonyms: Optional[str] = Field(None, description="RLAIF-V eval/data/synonyms_refine.txt")
+    wordnet: Optional[str] = Field(None, description="WordNet 3.0 dict dir (index.noun, noun.exc); default: /usr/share/wordnet or nltk_data")
+    images: Optional[str] = Field(None, description="directory image_path / COCO_val2014_<id>.jpg names are relative to")
+    image_cache: str = Field("~/.cache/bpo-ray/objhal", description="where base64 images of the question file are written")
+    max_tokens: Optional[int] = Field(1024, ge=1, description="RLAIF-V's muffin_vqa.py generates up to 1024 new tokens")
+
+
+class AmberSettings(StrictModel):
+    """AMBER (``bpo_ray.eval.amber``): discriminative yes/no and generative descriptions."""
+
+    annotations: Optional[str] = Field(None, description="AMBER data/annotations.json")
+    queries: Optional[str] = Field(None, description="a data/query/query_*.json file ({id, image, query})")
+    relation: Optional[str] = Field(None, description="AMBER data/relation.json (generative)")
+    safe_words: Optional[str] = Field(None, description="AMBER data/safe_words.txt (generative)")
+    images: Optional[str] = Field(None, description="directory holding AMBER_<n>.jpg")
+    similarity: Literal["none", "spacy"] = Field(
+        "none", description="word similarity of the generative scorer: 'spacy' = spaCy model `spacy_model` "
+        "(the official en_core_web_lg, installed by the user), 'none' = exact matches only (not comparable)")
+    spacy_model: str = "en_core_web_lg"
+    similarity_threshold: float = Field(0.8, ge=0, le=1)
+    wordnet: Optional[str] = Field(None, description="WordNet 3.0 dict dir for the noun lemmas")
+    max_tokens: Optional[int] = Field(None, ge=1)
+
+
 class EvaluateConfig(StrictModel):
-    benchmarks: list[Literal["chair", "pope", "mmvet", "llava_bench"]] = Field(
+    benchmarks: list[Literal["chair", "pope", "mmvet", "llava_bench", "objhal", "amber"]] = Field(
         default_factory=lambda: ["chair", "pope"]
     )
     world: Optional[str] = Field(None, description="bias-world directory for source=world (default: world.out)")
@@ -122,3 +152,5 @@ class EvaluateConfig(StrictModel):
     pope: PopeSettings = PopeSettings()
     mmvet: MMVetSettings = MMVetSettings()
     llava_bench: LlavaBenchSettings = LlavaBenchSettings()
+    objhal: ObjHalSettings = ObjHalSettings()
+    amber: AmberSettings = AmberSettings()

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from bpo_ray import storage
 from bpo_ray.config import BPOConfig
-from bpo_ray.evaluate.benchmarks import chair, llava_bench, mmvet, pope
+from bpo_ray.evaluate.benchmarks import amber, chair, llava_bench, mmvet, objhal, pope
 from bpo_ray.evaluate.items import LoadedBenchmark
 from bpo_ray.evaluate.judge import MODEL_TOKEN_ENV, JudgeProtocol, Secret, error_reason, openai_client, secret_from_env
 from bpo_ray.evaluate.runner import EndpointSpec, run_rows
@@ -52,6 +52,10 @@ def load_benchmark(name: str, cfg: BPOConfig) -> LoadedBenchmark:
     if name == "llava_bench":
         s = ecfg.llava_bench
         return llava_bench.load_world(world_dir(cfg), s, limit) if s.source == "world" else llava_bench.load_official(s, limit)
+    if name == "objhal":
+        return objhal.load(ecfg.objhal, limit)
+    if name == "amber":
+        return amber.load(ecfg.amber, limit)
     raise EvaluateError(f"unknown benchmark {name!r}")
 
 
@@ -87,7 +91,8 @@ def judge_token() -> Secret:
 def max_tokens_for(name: str, cfg: BPOConfig) -> int:
     ecfg = cfg.evaluate
     override = {"chair": ecfg.chair.max_tokens, "pope": ecfg.pope.max_tokens, "mmvet": ecfg.mmvet.max_tokens,
-                "llava_bench": ecfg.llava_bench.max_tokens}.get(name)
+                "llava_bench": ecfg.llava_bench.max_tokens, "objhal": ecfg.objhal.max_tokens,
+                "amber": ecfg.amber.max_tokens}.get(name)
     return override or ecfg.max_tokens
 
 
@@ -110,6 +115,10 @@ def score_benchmark(name: str, rows: list[dict[str, Any]], loaded: LoadedBenchma
         return pope.score(rows)
     if name == "mmvet":
         return mmvet.score(rows)
+    if name == "objhal":
+        return objhal.score(rows, loaded.info)
+    if name == "amber":
+        return amber.score(rows, loaded.info)
     return llava_bench.score(rows)
 
 

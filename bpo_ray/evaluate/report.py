@@ -50,6 +50,13 @@ HEADLINE: tuple[Column, ...] = (
     Column("POPE yes %", _at("pope", "mean", "yes_ratio", scale=100)),
     Column("POPE acc strict", _at("pope", "strict", "mean", "accuracy", scale=100)),
     Column("POPE F1 strict", _at("pope", "strict", "mean", "f1", scale=100)),
+    Column("ObjHal Resp ↓", _at("objhal", "CHAIRs_refine", scale=100), lower_is_better=True),
+    Column("ObjHal Ment ↓", _at("objhal", "CHAIRi", scale=100), lower_is_better=True),
+    Column("AMBER CHAIR ↓", _at("amber", "generative", "CHAIR"), lower_is_better=True),
+    Column("AMBER Hal ↓", _at("amber", "generative", "Hal"), lower_is_better=True),
+    Column("AMBER Cover", _at("amber", "generative", "Cover")),
+    Column("AMBER acc", _at("amber", "discriminative", "all", "Accuracy")),
+    Column("AMBER F1", _at("amber", "discriminative", "all", "F1")),
     Column("MM-Vet", _at("mmvet", "total")),
     Column("LLaVA-Bench rel.", _at("llava_bench", "all", "relative")),
 )
