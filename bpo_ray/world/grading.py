@@ -58,7 +58,7 @@ def kinds_in(text: str) -> frozenset[str]:
         end = mention.token_index + len(mention.surface.split())
         after = tokens[end] if end < len(tokens) else ""
         before = tokens[max(0, mention.token_index - 2):mention.token_index]
-        if after == "no" or _NEGATORS.intersection(before):
+        if (after == "no" and before[-1:] == ["the"]) or _NEGATORS.intersection(before):  # "The cup no."
             continue
         found.add(mention.canonical)
     return frozenset(found)

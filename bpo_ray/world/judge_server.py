@@ -22,6 +22,9 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
 from bpo_ray.world.annotator import ANNOTATOR_MODEL, UnknownImage, UnknownPrompt, answer_prompt
 from bpo_ray.world.grading import SceneTruth
 
@@ -115,9 +118,6 @@ def completion(text: str, model: str, prompt: str) -> dict[str, Any]:
 
 def create_app(index: SceneIndex):
     """The FastAPI app; errors use OpenAI's ``{"error": {...}}`` shape."""
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse
-
     app = FastAPI(title="bias-world annotator", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.counts = {}
 
