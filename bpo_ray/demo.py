@@ -29,7 +29,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 from bpo_ray.localcluster import LocalCluster, free_port, submit_and_wait
 
@@ -138,6 +138,29 @@ def world_annotator(world_dir: Path, log: Path, timeout_s: float = 120) -> Itera
             proc.wait()
 
 
+def serve_and_evaluate(stage: Callable[[str, str, list[str]], None], out: Path, shared: list[str],
+                       adapters: dict[str, Path], port: int) -> None:
+    """The demo's serve and evaluate steps: the world's annotator on loopback, the serve stage
+    (base + ``adapters`` by name, and the judge proxy forwarding to the annotator), then one
+    evaluate job per model with every benchmark, the judged ones through the proxy.
+
+    ``stage(label, job, args)`` submits one stage job and waits for it.
+    """
+    with world_annotator(out / "world", out / "world_annotator.log") as annotator_url:
+        # The annotator needs no key: name an unset variable so no real OpenAI key ever leaves for it.
+        judge = ["--set", f"serve.judge.upstream_base_url={annotator_url}",
+                 "--set", "serve.judge.upstream_key_env=BPO_WORLD_ANNOTATOR_KEY",
+                 "--set", f"serve.judge.cache_path={out / 'judge_cache.sqlite'}"]
+        served = [arg for name, path in adapters.items() for arg in ("--adapter", f"{name}={path}")]
+        stage("serve (detached)", "serve", [*shared, *judge, *served, "--port", str(port), "--detach"])
+        url = f"http://127.0.0.1:{port}"
+        benchmarks = f"evaluate.benchmarks=[{','.join(demo_benchmarks())}]"
+        for model in ["base", *adapters]:
+            stage(f"evaluate {model}", "evaluate", [*shared, "--model-url", f"{url}/v1", "--model", model,
+                                                    "--judge-url", f"{url}/judge/v1", "--set", benchmarks,
+                                                    "--out", str(out / "eval")])
+
+
 def _banner(text: str) -> None:
     print(f"\n{'=' * 8} {text} {'=' * max(4, 70 - len(text))}", flush=True)
 
@@ -174,19 +197,8 @@ def run_demo(out: Path, config: str, overrides: Sequence[str], num_cpus: int = 4
                                              "--set", f"train.mode={mode}",
                                              "--set", f"train.strategies=[{','.join(strategies)}]",
                                              *[arg for o in extra for arg in ("--set", o)]])
-        adapters = [a for name in VARIANTS for a in ("--adapter", f"{name}={out / 'train' / name / 'adapter'}")]
-        with world_annotator(out / "world", out / "world_annotator.log") as annotator_url:
-            # The annotator needs no key: name an unset variable so no real OpenAI key ever leaves for it.
-            judge = ["--set", f"serve.judge.upstream_base_url={annotator_url}",
-                     "--set", "serve.judge.upstream_key_env=BPO_WORLD_ANNOTATOR_KEY",
-                     "--set", f"serve.judge.cache_path={out / 'judge_cache.sqlite'}"]
-            stage("serve (detached)", "serve", [*shared, *judge, *adapters, "--port", str(port), "--detach"])
-            url = f"http://127.0.0.1:{port}"
-            benchmarks = f"evaluate.benchmarks=[{','.join(demo_benchmarks())}]"
-            for model in ["base", *VARIANTS]:
-                stage(f"evaluate {model}", "evaluate", [*shared, "--model-url", f"{url}/v1", "--model", model,
-                                                        "--judge-url", f"{url}/judge/v1", "--set", benchmarks,
-                                                        "--out", str(out / "eval")])
+        adapters = {name: out / "train" / name / "adapter" for name in VARIANTS}
+        serve_and_evaluate(stage, out, shared, adapters, port)
     timings["total"] = round(time.time() - t_all, 1)
     summary = {"out": str(out), "report": str(out / "eval" / "report.md"), "timings_s": timings}
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2))
