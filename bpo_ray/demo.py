@@ -97,11 +97,12 @@ def demo_benchmarks() -> list[str]:
 
 def ensure_judge_tokens() -> None:
     """A fresh judge-proxy client token for this run, in the environment the local cluster (and so
-    the judge proxy and the evaluate jobs) inherits; a token the user already set is kept. Never printed."""
-    if not os.environ.get("BPO_JUDGE_TOKENS") and not os.environ.get("BPO_JUDGE_TOKEN"):
-        token = secrets.token_urlsafe(24)
+    the judge proxy and the evaluate jobs) inherits; tokens the user already set are kept (the
+    evaluate client falls back to the first of ``BPO_JUDGE_TOKENS``). Never printed."""
+    if not os.environ.get("BPO_JUDGE_TOKENS"):
+        token = os.environ.get("BPO_JUDGE_TOKEN") or secrets.token_urlsafe(24)
         os.environ["BPO_JUDGE_TOKENS"] = f"demo:{token}"
-        os.environ["BPO_JUDGE_TOKEN"] = token
+        os.environ.setdefault("BPO_JUDGE_TOKEN", token)
 
 
 @contextmanager

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -353,3 +354,30 @@ def test_annotator_cli_refuses_a_public_address(small_world, capsys):
     assert main(["judge", "--world", str(small_world), "--host", "0.0.0.0"]) == 2
     assert "loopback" in capsys.readouterr().err
     assert main(["judge", "--world", str(small_world / "nowhere")]) == 2
+
+
+def test_demo_starts_and_stops_the_annotator(small_world, tmp_path, monkeypatch):
+    """The demo's own helpers: a client token for the proxy and its client, the annotator as a
+    subprocess on loopback, answering until the block ends, gone after it."""
+    import httpx
+
+    from bpo_ray import demo
+    from bpo_ray.serving.judge_auth import parse_client_tokens
+
+    monkeypatch.delenv("BPO_JUDGE_TOKENS", raising=False)
+    monkeypatch.setenv("BPO_JUDGE_TOKEN", "tok-user-given")
+    demo.ensure_judge_tokens()
+    assert parse_client_tokens(os.environ["BPO_JUDGE_TOKENS"]) == {"tok-user-given": "demo"}
+    assert demo.demo_benchmarks()[-3:] == ["mmvet", "llava_bench", "mmhal"]
+
+    log = tmp_path / "annotator.log"
+    with demo.world_annotator(small_world, log) as url:
+        assert url.startswith("http://127.0.0.1:")
+        reply = httpx.post(f"{url}/chat/completions", json={"model": "m", "messages": [
+            {"role": "user", "content": mmvet.grader_query("How many cups are there?", "One.", "One.")}]}).json()
+        assert reply["choices"][0]["message"]["content"] == "1.0"
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{url}/models", timeout=2)
+    with pytest.raises(RuntimeError, match="exited"):
+        with demo.world_annotator(tmp_path / "no-world", log):
+            pass
