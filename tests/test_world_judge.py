@@ -127,6 +127,16 @@ def test_claim_verification_answers_from_the_scene():
         ask(claim.format(article="a", obj="cup"))
 
 
+def test_chair_object_lists():
+    from bpo_ray.evaluate.benchmarks import chair
+
+    def listed(description):
+        return chair.parse_object_list(ask(chair.object_list_request({"answer": description}, 0).messages[0]["content"]))
+
+    assert listed("There is a red mug on the left. The saucer no. There are two dogs.") == ["cup", "dog"]
+    assert listed("Nothing to see.") == []
+
+
 def test_unknown_prompts_are_refused():
     with pytest.raises(annotator.UnknownPrompt):
         ask("Write a poem about cups.")

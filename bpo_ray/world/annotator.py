@@ -15,6 +15,8 @@ grade follows the written rules of ``bpo_ray.world.grading`` (docs/world.md). Pr
 - HelpSteer ratings of the ``judge_ranked`` generate strategy (``[Question]``, ``[Reference
   answer]``, ``[Response i]``) -> the ``{"scores": [...]}`` JSON line.
 - Claim verification (issue #16): the item's image plus exactly ``CLAIM_TEMPLATE`` -> "Yes." / "No.".
+- CHAIR's object lists (``evaluate.chair.extractor: judge``): the objects a description says are
+  present -> "cup, dog" or "none" (the description is the whole input; no scene needed).
 
 Anything else is refused (``UnknownPrompt``), so a new prompt is never graded by accident.
 """
@@ -44,6 +46,8 @@ _LLAVA = re.compile(r"\[Context\]\n(?P<context>.*?)\n\n\[Question\]\n(?P<questio
 _MMHAL = re.compile(r"### Image Contents\n(?P<contents>.*?)\n\n### Question\n(?P<question>.*?)\n\n"
                     r"### Standard Human-Generated Answer\n(?P<reference>.*?)\n\n"
                     r"### LMM Response to Evaluate\n(?P<answer>.*?)\s*$", re.S)
+_OBJECT_LIST = re.compile(r"List every physical object that the description says IS present.*?"
+                          r"\nDescription:\n(?P<description>.*)\n\nObjects:\s*$", re.S)
 _HELPSTEER_Q = re.compile(r"\[Question\]\n(?P<question>.*?)\n\[End of question\]", re.S)
 _HELPSTEER_REF = re.compile(r"\[Reference answer\]\n(?P<reference>.*?)\n\[End of reference answer\]", re.S)
 _HELPSTEER_RESP = re.compile(r"\[Response (?P<i>\d+)\]\n(?P<text>.*?)\n\[End of Response (?P=i)\]", re.S)
@@ -60,7 +64,7 @@ class UnknownImage(ValueError):
 @dataclass(frozen=True)
 class Reply:
     text: str
-    protocol: str  # mmvet | llava_bench | mmhal | helpsteer | claim
+    protocol: str  # mmvet | llava_bench | mmhal | helpsteer | claim | chair
 
 
 def answer_prompt(text: str, scene_of_image: Optional[Callable[[], Optional[SceneTruth]]] = None) -> Reply:
@@ -76,6 +80,10 @@ def answer_prompt(text: str, scene_of_image: Optional[Callable[[], Optional[Scen
             raise UnknownPrompt("a claim-verification prompt needs the item's image (an image_url part)")
         kind = grading.asked_kind(claim["obj"])
         return Reply("Yes." if kind is not None and kind in scene else "No.", "claim")
+    match = _OBJECT_LIST.search(text)
+    if match:
+        kinds = sorted(grading.kinds_in(match["description"]))
+        return Reply(", ".join(kinds) if kinds else "none", "chair")
     match = _MMHAL.search(text)
     if match:
         return Reply(_mmhal(match), "mmhal")
@@ -87,7 +95,7 @@ def answer_prompt(text: str, scene_of_image: Optional[Callable[[], Optional[Scen
     if _MMVET_HEADER.search(text):
         return Reply(_mmvet(text), "mmvet")
     raise UnknownPrompt("not a judge prompt the world's annotator knows (MM-Vet, LLaVA-Bench, MMHal-Bench, "
-                        "HelpSteer ratings, claim verification)")
+                        "HelpSteer ratings, claim verification, CHAIR object lists)")
 
 
 def _mmvet(text: str) -> str:
