@@ -342,6 +342,18 @@ def test_proxy_in_front_of_the_annotator(small_world, tmp_path, monkeypatch):
                 answer, _ = chat([{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}])
                 assert answer == expected
 
+            # the judge_ranked strategy's own client (HelpSteer prompt, image attached): the scene decides
+            from bpo_ray.generate.judge_ranked import JudgeClient
+            from bpo_ray.world.scenes import Scene, SceneObject, describe_scene
+
+            monkeypatch.setenv("BPO_TEST_WJ_CLIENT_KEY", "tok-world-judge-1")
+            truth = describe_scene(Scene(scene["id"], tuple(SceneObject(o["kind"], o["colour"], o["position"])
+                                                            for o in scene["objects"])))
+            helpsteer = JudgeClient(f"{proxy_url}/judge/v1", "gpt-4", "BPO_TEST_WJ_CLIENT_KEY", max_retries=0)
+            scores = helpsteer.score("Describe the image in detail.", truth,
+                                     [truth, f"There is a red {absent} on the left."], url)
+            assert [(s.helpfulness, s.correctness, s.coherence) for s in scores] == [(4, 4, 4), (0, 0, 4)]
+
             # refusals reach the client as 4xx with the annotator's reason
             with pytest.raises(openai.BadRequestError, match="not a judge prompt"):
                 chat("Write a poem.")
@@ -352,10 +364,10 @@ def test_proxy_in_front_of_the_annotator(small_world, tmp_path, monkeypatch):
 
             usage = httpx.get(f"{proxy_url}/judge/v1/usage", headers={"Authorization": "Bearer tok-world-judge-1"}).json()
             run = usage["usage"]
-            assert run["requests"] == 4 and run["cache_hits"] == 1 and run["upstream_requests"] == 5
+            assert run["requests"] == 5 and run["cache_hits"] == 1 and run["upstream_requests"] == 6
             assert run["errors"] == 2 and run["prompt_tokens"] > 0 and run["cost_usd"] > 0
             stats = httpx.get(f"{annotator_url}/v1/stats").json()
-            assert stats["answered"] == {"mmvet": 1, "claim": 2}
+            assert stats["answered"] == {"mmvet": 1, "claim": 2, "helpsteer": 1}
 
 
 def test_annotator_cli_refuses_a_public_address(small_world, capsys):
