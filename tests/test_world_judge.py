@@ -403,3 +403,20 @@ def test_demo_starts_and_stops_the_annotator(small_world, tmp_path, monkeypatch)
     with pytest.raises(RuntimeError, match="exited"):
         with demo.world_annotator(tmp_path / "no-world", log):
             pass
+
+
+def test_mmhal_parse_and_summary_match_the_official_script():
+    """Golden output of LLaVA-RLHF's summarize_gpt_mmhal.py (tests/fixtures/parity/mmhal/README.md)."""
+    root = Path(__file__).parent / "fixtures" / "parity" / "mmhal"
+    replies = [r["choices"][0]["message"]["content"] for r in json.loads((root / "gpt4_replies.json").read_text())]
+    lines = (root / "official_output.txt").read_text().splitlines()
+    parsed = [mmhal.parse_rating(r) for r in replies]
+    unparsed = [f"{i} {r}" for i, (r, p) in enumerate(zip(replies, parsed)) if p is None]
+    official_unparsed = [lines[i + 1] for i, line in enumerate(lines) if line.startswith("Warning: multiple or zero")]
+    assert unparsed == official_unparsed and len(unparsed) >= 5
+    ratings = [0 if p is None else p for p in parsed]
+    summary = mmhal.summarize(ratings, [mmhal.QUESTION_TYPES[i % 8] for i in range(len(ratings))])
+    assert f"Average score: {summary['score']:.2f}" in lines
+    assert f"Hallucination rate: {summary['hallucination_rate']:.2f}" in lines
+    per_type = ",".join(str(round(summary["per_type"][t]["score"], 2)) for t in mmhal.QUESTION_TYPES)
+    assert f"Average score for each question type: {per_type}" in lines
