@@ -71,11 +71,15 @@ def answer_prompt(text: str, scene_of_image: Optional[Callable[[], Optional[Scen
     """The annotator's reply to one judge prompt (the user message's text).
 
     ``scene_of_image`` returns the scene of the image the request carried (``None``: the request had
-    no image); it raises ``UnknownImage`` when the image is not one of the world's.
+    no image); it raises ``UnknownImage`` when the image is not one of the world's. It is called only
+    for the prompts graded against the image (claims, HelpSteer ratings).
     """
-    scene = scene_of_image() if scene_of_image else None
+    def scene_or_none() -> Optional[SceneTruth]:
+        return scene_of_image() if scene_of_image else None
+
     claim = _CLAIM.fullmatch(text.strip())
     if claim:
+        scene = scene_or_none()
         if scene is None:
             raise UnknownPrompt("a claim-verification prompt needs the item's image (an image_url part)")
         kind = grading.asked_kind(claim["obj"])
@@ -91,7 +95,7 @@ def answer_prompt(text: str, scene_of_image: Optional[Callable[[], Optional[Scen
     if match:
         return Reply(_llava(match), "llava_bench")
     if _HELPSTEER_REF.search(text) and _HELPSTEER_RESP.search(text):
-        return Reply(_helpsteer(text, scene), "helpsteer")
+        return Reply(_helpsteer(text, scene_or_none()), "helpsteer")
     if _MMVET_HEADER.search(text):
         return Reply(_mmvet(text), "mmvet")
     raise UnknownPrompt("not a judge prompt the world's annotator knows (MM-Vet, LLaVA-Bench, MMHal-Bench, "
