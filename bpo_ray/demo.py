@@ -2,8 +2,13 @@
 
 From an empty directory to a report: world build (data + base model), generate (image-weakened
 and error-injected negatives), reference log-probs, train (the BPO recipe, plain DPO, the
-no-weakening ablation and the SFT baseline), serve (base + every adapter by name, and the judge proxy),
-evaluate (CHAIR and POPE on the bias world's test split) and the comparison report.
+no-weakening ablation and the SFT baseline), serve (base + every adapter by name, and the judge proxy
+in front of the world's annotator), evaluate (CHAIR, POPE, and the judged MM-Vet, LLaVA-Bench and
+MMHal-Bench on the bias world's test split) and the comparison report.
+
+The judge: the world's annotator (``bpo_ray.world.judge_server``) grades answers from the scenes'
+ground truth, as a person who sees the scene would; it runs on loopback beside the cluster and the
+judge proxy forwards to it as it would to GPT-4 (cache, rate limits, usage accounting all real).
 
 The demo is one draw (one world seed, one training seed); ``bench/science.py`` runs it over
 several seeds and prints mean ± sd. Every process pins its CPU kernels (``numerics`` in the tiny
@@ -17,10 +22,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import secrets
+import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 from bpo_ray.localcluster import LocalCluster, free_port, submit_and_wait
 
@@ -67,7 +76,103 @@ DEMO_OVERRIDES: tuple[str, ...] = (
     f"generate.sampler.noise.steps=[0,{NOISE_STEP}]",
     "train.epochs=1",
     "evaluate.pope.n_per_image=1",
+    # The judged benchmarks: a few dozen short items each (captions are a third of them), so the
+    # five models add about a minute to the evaluate steps.
+    "evaluate.mmvet.max_items=24",
+    "evaluate.llava_bench.max_items=24",
+    "evaluate.mmhal.max_items=24",
+    "evaluate.judge_model=bias-world-annotator",
 )
+#: Benchmarks that need the judge; the demo adds them to the evaluate config's default list.
+JUDGE_BENCHMARKS: tuple[str, ...] = ("mmvet", "llava_bench", "mmhal")
+
+
+def demo_benchmarks() -> list[str]:
+    """The evaluate config's default benchmarks followed by every judged one."""
+    from bpo_ray.config.evaluate import EvaluateConfig
+
+    defaults = list(EvaluateConfig().benchmarks)
+    return defaults + [b for b in JUDGE_BENCHMARKS if b not in defaults]
+
+
+def ensure_judge_tokens() -> None:
+    """A fresh judge-proxy client token for this run, in the environment the local cluster (and so
+    the judge proxy and the evaluate jobs) inherits; tokens the user already set are kept (the
+    evaluate client falls back to the first of ``BPO_JUDGE_TOKENS``). Never printed."""
+    if not os.environ.get("BPO_JUDGE_TOKENS"):
+        token = os.environ.get("BPO_JUDGE_TOKEN") or secrets.token_urlsafe(24)
+        os.environ["BPO_JUDGE_TOKENS"] = f"demo:{token}"
+        os.environ.setdefault("BPO_JUDGE_TOKEN", token)
+
+
+@contextmanager
+def world_annotator(world_dir: Path, log: Path, timeout_s: float = 120) -> Iterator[str]:
+    """Run the world's annotator (``bpo-ray world judge``) on a free loopback port; yields its /v1 URL."""
+    import httpx
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/v1"
+    with open(log, "ab") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "bpo_ray.world.judge_server", "--world", str(world_dir),
+                                 "--port", str(port)], stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the world annotator exited with {proc.returncode}; see {log}")
+            try:
+                if httpx.get(f"{url}/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError(f"the world annotator did not answer at {url} within {timeout_s:.0f} s; see {log}")
+            time.sleep(0.5)
+        print(f"[demo] world annotator (judge upstream) at {url}", flush=True)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def evaluated(metrics_path: Path) -> bool:
+    """Whether a model's metrics exist and cover every benchmark the demo runs."""
+    if not metrics_path.exists():
+        return False
+    return set(demo_benchmarks()) <= set(json.loads(metrics_path.read_text()).get("benchmarks", {}))
+
+
+def serve_and_evaluate(stage: Callable[..., None], out: Path, shared: list[str],
+                       adapters: dict[str, Path], port: int, reuse: bool = False) -> None:
+    """The demo's serve and evaluate steps: the world's annotator on loopback, the serve stage
+    (base + ``adapters`` by name, and the judge proxy forwarding to the annotator), then one
+    evaluate job per model with every benchmark, the judged ones through the proxy.
+
+    ``stage(label, job, args)`` submits one stage job and waits for it. With ``reuse``, a model
+    whose metrics already cover every benchmark is not evaluated again (nothing is served when
+    no model is left).
+    """
+    models = [m for m in ["base", *adapters] if not (reuse and evaluated(out / "eval" / m / "metrics.json"))]
+    if not models:
+        print("[demo] serve + evaluate: every model's metrics exist; reused", flush=True)
+        return
+    with world_annotator(out / "world", out / "world_annotator.log") as annotator_url:
+        # The annotator needs no key: name an unset variable so no real OpenAI key ever leaves for it.
+        judge = ["--set", f"serve.judge.upstream_base_url={annotator_url}",
+                 "--set", "serve.judge.upstream_key_env=BPO_WORLD_ANNOTATOR_KEY",
+                 "--set", f"serve.judge.cache_path={out / 'judge_cache.sqlite'}"]
+        served = [arg for name, path in adapters.items() for arg in ("--adapter", f"{name}={path}")]
+        stage("serve (detached)", "serve", [*shared, *judge, *served, "--port", str(port), "--detach"])
+        url = f"http://127.0.0.1:{port}"
+        benchmarks = f"evaluate.benchmarks=[{','.join(demo_benchmarks())}]"
+        for model in models:
+            stage(f"evaluate {model}", "evaluate", [*shared, "--model-url", f"{url}/v1", "--model", model,
+                                                    "--judge-url", f"{url}/judge/v1", "--set", benchmarks,
+                                                    "--out", str(out / "eval")])
 
 
 def _banner(text: str) -> None:
@@ -130,6 +235,7 @@ def run_demo(out: Path, config: str, overrides: Sequence[str], num_cpus: int = 4
         print(f"[demo] {label}: {timings[label]} s", flush=True)
 
     port = free_port()
+    ensure_judge_tokens()  # before the cluster starts: its processes inherit the environment
     with LocalCluster(num_cpus=num_cpus) as cluster:
         print(f"[demo] local Ray cluster up: {cluster.address} (dashboard {cluster.dashboard_url})", flush=True)
         stage("world build + base model", "world", ["build", "--out", str(out / "world"), *shared],
@@ -145,18 +251,8 @@ def run_demo(out: Path, config: str, overrides: Sequence[str], num_cpus: int = 4
                                              "--set", f"train.strategies=[{','.join(strategies)}]",
                                              *[arg for o in extra for arg in ("--set", o)]],
                   done=out / "train" / name / "manifest.json")
-        adapters = [a for name in VARIANTS for a in ("--adapter", f"{name}={out / 'train' / name / 'adapter'}")]
-        evaluated = {m: out / "eval" / m / "metrics.json" for m in ["base", *VARIANTS]}
-        if reuse and all(p.exists() for p in evaluated.values()):
-            print("[demo] serve + evaluate: every model's metrics exist; reused", flush=True)
-            evaluated = {}
-        else:
-            stage("serve (detached)", "serve", [*shared, *adapters, "--port", str(port), "--detach"])
-        url = f"http://127.0.0.1:{port}"
-        for model in evaluated:
-            stage(f"evaluate {model}", "evaluate", [*shared, "--model-url", f"{url}/v1", "--model", model,
-                                                    "--out", str(out / "eval")],
-                  done=evaluated[model])
+        adapters = {name: out / "train" / name / "adapter" for name in VARIANTS}
+        serve_and_evaluate(stage, out, shared, adapters, port, reuse=reuse)
     # "total" is what the whole run cost: the sum of its stages, whenever they ran.
     timings["total"] = round(sum(timings.values()), 1)
     summary = {"out": str(out), "report": str(out / "eval" / "report.md"), "timings_s": timings,

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from bpo_ray.demo import SETTINGS_FILE, VARIANTS, DemoError, run_demo
+from bpo_ray.demo import SETTINGS_FILE, VARIANTS, DemoError, demo_benchmarks, evaluated, run_demo
 from bpo_ray.localcluster import LocalCluster, submit_and_wait
 
 
@@ -13,11 +13,23 @@ def _finished_run(out):
     """The files a finished demo leaves behind, one per stage."""
     done = [out / "models" / "base_model.json", out / "generate" / "manifest.json",
             out / "reference" / "manifest.json",
-            *[out / "train" / v / "manifest.json" for v in VARIANTS],
-            *[out / "eval" / m / "metrics.json" for m in ["base", *VARIANTS]]]
+            *[out / "train" / v / "manifest.json" for v in VARIANTS]]
     for path in done:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("{}")
+    for model in ["base", *VARIANTS]:
+        metrics = out / "eval" / model / "metrics.json"
+        metrics.parent.mkdir(parents=True, exist_ok=True)
+        metrics.write_text(json.dumps({"benchmarks": {b: {} for b in demo_benchmarks()}}))
+
+
+def test_metrics_without_every_demo_benchmark_are_evaluated_again(tmp_path):
+    metrics = tmp_path / "metrics.json"
+    assert not evaluated(metrics)
+    metrics.write_text(json.dumps({"benchmarks": {"chair": {}, "pope": {}}}))  # made before the judged ones
+    assert not evaluated(metrics)
+    metrics.write_text(json.dumps({"benchmarks": {b: {} for b in demo_benchmarks()}}))
+    assert evaluated(metrics)
 
 
 def test_reuse_of_a_finished_run_submits_nothing(tmp_path, capsys):

@@ -13,7 +13,8 @@ from pydantic import Field, model_validator
 
 from bpo_ray.config.base import StrictModel
 
-BENCHMARK_NAMES: tuple[str, ...] = ("chair", "pope", "mmvet", "llava_bench", "objhal", "amber")
+BENCHMARK_NAMES: tuple[str, ...] = ("chair", "pope", "mmvet", "llava_bench", "mmhal", "objhal", "amber")
+JUDGE_ITEMS_HELP = "per-benchmark cap on items (overrides evaluate.max_items; judged benchmarks are costly)"
 
 
 class ChairSettings(StrictModel):
@@ -75,6 +76,7 @@ class MMVetSettings(StrictModel):
         None, description="text file (local or s3://) with MM-Vet's official grader prompt, for comparable scores"
     )
     max_tokens: Optional[int] = Field(None, ge=1)
+    max_items: Optional[int] = Field(None, ge=1, description=JUDGE_ITEMS_HELP)
 
     @model_validator(mode="after")
     def _mmvet_needs_files(self) -> "MMVetSettings":
@@ -95,11 +97,31 @@ class LlavaBenchSettings(StrictModel):
     rule_prompt_file: Optional[str] = Field(
         None, description="text file (local or s3://) with LLaVA's own review rule, for comparable scores"
     )
+    max_items: Optional[int] = Field(None, ge=1, description=JUDGE_ITEMS_HELP)
 
     @model_validator(mode="after")
     def _llava_needs_files(self) -> "LlavaBenchSettings":
         if self.source == "llava_bench" and not (self.questions and self.answers and self.context and self.images):
             raise ValueError("llava_bench.source=llava_bench needs questions, answers, context and images")
+        return self
+
+
+class MMHalSettings(StrictModel):
+    """MMHal-Bench: the judge rates each answer 0-6 against image contents and a reference answer."""
+
+    source: Literal["world", "mmhal"] = "world"
+    data: Optional[str] = Field(None, description="response_template.json (a list of MMHal-Bench records)")
+    images: Optional[str] = Field(None, description="directory holding the images (by the file name of image_src)")
+    judge_prompt_file: Optional[str] = Field(
+        None, description="text file (local or s3://) with the official judge template (four '{}'), for comparable scores"
+    )
+    max_tokens: Optional[int] = Field(None, ge=1)
+    max_items: Optional[int] = Field(None, ge=1, description=JUDGE_ITEMS_HELP)
+
+    @model_validator(mode="after")
+    def _mmhal_needs_files(self) -> "MMHalSettings":
+        if self.source == "mmhal" and not self.data:
+            raise ValueError("mmhal.source=mmhal needs mmhal.data (response_template.json)")
         return self
 
 
@@ -134,7 +156,7 @@ class AmberSettings(StrictModel):
 
 
 class EvaluateConfig(StrictModel):
-    benchmarks: list[Literal["chair", "pope", "mmvet", "llava_bench", "objhal", "amber"]] = Field(
+    benchmarks: list[Literal["chair", "pope", "mmvet", "llava_bench", "mmhal", "objhal", "amber"]] = Field(
         default_factory=lambda: ["chair", "pope"]
     )
     world: Optional[str] = Field(None, description="bias-world directory for source=world (default: world.out)")
@@ -152,5 +174,6 @@ class EvaluateConfig(StrictModel):
     pope: PopeSettings = PopeSettings()
     mmvet: MMVetSettings = MMVetSettings()
     llava_bench: LlavaBenchSettings = LlavaBenchSettings()
+    mmhal: MMHalSettings = MMHalSettings()
     objhal: ObjHalSettings = ObjHalSettings()
     amber: AmberSettings = AmberSettings()

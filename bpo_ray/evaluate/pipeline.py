@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from bpo_ray import storage
 from bpo_ray.config import BPOConfig
-from bpo_ray.evaluate.benchmarks import amber, chair, llava_bench, mmvet, objhal, pope
+from bpo_ray.evaluate.benchmarks import amber, chair, llava_bench, mmhal, mmvet, objhal, pope
 from bpo_ray.evaluate.items import LoadedBenchmark
 from bpo_ray.evaluate.judge import MODEL_TOKEN_ENV, JudgeProtocol, Secret, error_reason, openai_client, secret_from_env
 from bpo_ray.evaluate.runner import EndpointSpec, run_rows
@@ -48,14 +48,20 @@ def load_benchmark(name: str, cfg: BPOConfig) -> LoadedBenchmark:
         return pope.load_world(world_dir(cfg), s, limit, seed=cfg.world.seed) if s.source == "world" else pope.load_official(s, limit)
     if name == "mmvet":
         s = ecfg.mmvet
+        limit = s.max_items or limit
         return mmvet.load_world(world_dir(cfg), s, limit) if s.source == "world" else mmvet.load_official(s, limit)
     if name == "llava_bench":
         s = ecfg.llava_bench
+        limit = s.max_items or limit
         return llava_bench.load_world(world_dir(cfg), s, limit) if s.source == "world" else llava_bench.load_official(s, limit)
     if name == "objhal":
         return objhal.load(ecfg.objhal, limit)
     if name == "amber":
         return amber.load(ecfg.amber, limit)
+    if name == "mmhal":
+        s = ecfg.mmhal
+        limit = s.max_items or limit
+        return mmhal.load_world(world_dir(cfg), s, limit, seed=cfg.world.seed) if s.source == "world" else mmhal.load_official(s, limit)
     raise EvaluateError(f"unknown benchmark {name!r}")
 
 
@@ -74,6 +80,8 @@ def judge_protocols(cfg: BPOConfig) -> dict[str, JudgeProtocol]:
         protocols["mmvet"] = mmvet.grader_protocol(ecfg.mmvet.judge_attempts, _prompt_file(ecfg.mmvet.grader_prompt_file))
     if "llava_bench" in ecfg.benchmarks:
         protocols["llava_bench"] = llava_bench.reviewer(_prompt_file(ecfg.llava_bench.rule_prompt_file))
+    if "mmhal" in ecfg.benchmarks:
+        protocols["mmhal"] = mmhal.judge_protocol(_prompt_file(ecfg.mmhal.judge_prompt_file))
     return protocols
 
 
@@ -88,11 +96,37 @@ def judge_token() -> Secret:
         raise EvaluateError(str(exc)) from None
 
 
+def proxy_usage(judge_url: str, token: Secret, timeout_s: float = 10.0) -> Optional[dict[str, Any]]:
+    """The judge proxy's ``GET /usage`` for this client (``None`` when the judge is not our proxy or
+    does not answer: usage is a report, never a reason to fail the evaluation)."""
+    import httpx
+
+    try:
+        resp = httpx.get(judge_url.rstrip("/") + "/usage", timeout=timeout_s,
+                         headers={"Authorization": f"Bearer {token.get()}"})
+        body = resp.json() if resp.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
+    return body if isinstance(body, dict) and isinstance(body.get("usage"), dict) else None
+
+
+def usage_delta(before: Optional[dict[str, Any]], after: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """What this run cost at the judge proxy: the client's counters after minus before, plus the
+    proxy's totals (all clients) and cache size after the run."""
+    if after is None:
+        return None
+    was = (before or {}).get("usage", {})
+    run = {k: round(v - was.get(k, 0), 6) if isinstance(v, float) else v - was.get(k, 0)
+           for k, v in after["usage"].items() if isinstance(v, (int, float))}
+    return {"run": run, "proxy_total": after.get("total", {}), "cache_entries": after.get("cache_entries"),
+            "prices_per_1k": after.get("prices_per_1k", {})}
+
+
 def max_tokens_for(name: str, cfg: BPOConfig) -> int:
     ecfg = cfg.evaluate
     override = {"chair": ecfg.chair.max_tokens, "pope": ecfg.pope.max_tokens, "mmvet": ecfg.mmvet.max_tokens,
-                "llava_bench": ecfg.llava_bench.max_tokens, "objhal": ecfg.objhal.max_tokens,
-                "amber": ecfg.amber.max_tokens}.get(name)
+                "llava_bench": ecfg.llava_bench.max_tokens, "mmhal": ecfg.mmhal.max_tokens,
+                "objhal": ecfg.objhal.max_tokens, "amber": ecfg.amber.max_tokens}.get(name)
     return override or ecfg.max_tokens
 
 
@@ -119,6 +153,8 @@ def score_benchmark(name: str, rows: list[dict[str, Any]], loaded: LoadedBenchma
         return objhal.score(rows, loaded.info)
     if name == "amber":
         return amber.score(rows, loaded.info)
+    if name == "mmhal":
+        return mmhal.score(rows)
     return llava_bench.score(rows)
 
 
@@ -182,6 +218,7 @@ def evaluate(
     if protocols:
         judge_spec = EndpointSpec(judge_url, ecfg.judge_model, token, ecfg.judge_concurrency,
                                   ecfg.actors, ecfg.actor_num_cpus, ecfg.request_timeout_s, ecfg.max_retries)
+    usage_before = proxy_usage(judge_url, token) if judge_spec else None
     run_started = time.perf_counter()
     answered: dict[str, dict[str, Any]] = {}
     with _quiet_ray_data_progress():
@@ -189,6 +226,7 @@ def evaluate(
         for row in tqdm(stream, total=len(rows), desc=f"evaluate {model_name}", disable=not progress, unit="item"):
             answered[row["id"]] = row
     run_s = time.perf_counter() - run_started
+    judge_usage = usage_delta(usage_before, proxy_usage(judge_url, token)) if judge_spec else None
 
     results: dict[str, Any] = {}
     counts: dict[str, dict[str, int]] = {}
@@ -212,6 +250,7 @@ def evaluate(
         "model_url": model_url,
         "judge_url": judge_url,
         "judge_model": ecfg.judge_model if protocols else None,
+        "judge_usage": judge_usage,
         "benchmarks": results,
         "counts": counts,
         "failures": failures,

@@ -59,6 +59,8 @@ HEADLINE: tuple[Column, ...] = (
     Column("AMBER F1", _at("amber", "discriminative", "all", "F1")),
     Column("MM-Vet", _at("mmvet", "total")),
     Column("LLaVA-Bench rel.", _at("llava_bench", "all", "relative")),
+    Column("MMHal score (0-6)", _at("mmhal", "score")),
+    Column("MMHal halluc. % ↓", _at("mmhal", "hallucination_rate", scale=100), lower_is_better=True),
 )
 
 
@@ -136,7 +138,8 @@ def markdown_report(results: Mapping[str, Any], baseline: Optional[str] = None, 
     labels = list(next(iter(values.values())).keys()) if values else []
     parts = [f"# {title}", ""]
     if base_name:
-        parts += [f"Numbers in percent (MM-Vet: 0-100 grade, LLaVA-Bench: relative score). In brackets: change "
+        parts += [f"Numbers in percent (MM-Vet: 0-100 grade, LLaVA-Bench: relative score, MMHal score: mean "
+                  f"0-6 rating). In brackets: change "
                   f"against **{base_name}**. ↓ lower is better.", ""]
     parts += ["Seeds behind each number: 1 (one run of each model; a model-quality claim needs the "
               "multi-seed table of `bench/science.py`, mean ± sd over seeds).", ""]
@@ -173,6 +176,30 @@ def markdown_report(results: Mapping[str, Any], baseline: Optional[str] = None, 
                 for name, m in results.items()]
         parts += ["## LLaVA-Bench relative score by category", "", _table(["Model"] + cats + ["All"], rows), ""]
 
+    types = _union_keys(results, "mmhal", "per_type")
+    if types:
+        rows = []
+        for name, m in results.items():
+            per_type = m["benchmarks"].get("mmhal", {}).get("per_type", {})
+            rows.append([name] + [_mmhal_cell(per_type.get(t)) for t in types] + [_mmhal_cell(m["benchmarks"].get("mmhal"))])
+        parts += ["## MMHal-Bench by question type", "", "Mean rating 0-6 / hallucination rate (share of ratings "
+                  "below 3) in percent.", "", _table(["Model"] + types + ["All"], rows), ""]
+
+    usage_rows = []
+    for name, m in results.items():
+        run = (m.get("judge_usage") or {}).get("run")
+        if run:
+            usage_rows.append([name] + [str(run.get(k, 0)) for k in (
+                "requests", "cache_hits", "upstream_requests", "errors", "prompt_tokens", "completion_tokens")]
+                + [f"{run.get('cost_usd', 0.0):.4f}", f"{run.get('saved_usd', 0.0):.4f}"])
+    if usage_rows:
+        judge = next((m.get("judge_model") for m in results.values() if m.get("judge_usage")), None)
+        parts += ["## Judge proxy", "", f"What each model's evaluation asked of the judge proxy (judge model "
+                  f"`{judge}`), from its `/usage` counters before and after the run; cost at the proxy's prices "
+                  "(`serve.judge.price_per_1k_*`), saved = what the cache hits would have cost.", "",
+                  _table(["Model", "Requests", "Cache hits", "Upstream", "Errors", "Prompt tok.", "Completion tok.",
+                          "Cost $", "Saved $"], usage_rows), ""]
+
     count_rows = []
     for name, m in results.items():
         for bench, c in m.get("counts", {}).items():
@@ -185,6 +212,12 @@ def markdown_report(results: Mapping[str, Any], baseline: Optional[str] = None, 
     parts += ["Every number, and the config that produced it, is in `report.json`; per-item answers in "
               "`<model>/items.jsonl`.", ""]
     return "\n".join(parts)
+
+
+def _mmhal_cell(stats: Optional[Mapping[str, Any]]) -> str:
+    if not stats or not isinstance(stats.get("score"), (int, float)):
+        return "–"
+    return f"{stats['score']:.2f} / {100 * stats['hallucination_rate']:.0f}"
 
 
 def _fmt(value: Optional[float]) -> str:
@@ -269,6 +302,7 @@ def plot_pngs(results: Mapping[str, Any]) -> dict[str, bytes]:
     for bench, key, getter, ylabel, name in (
         ("mmvet", "per_capability", lambda v: v, "MM-Vet grade (0-100)", "plots/mmvet.png"),
         ("llava_bench", "per_category", lambda v: (v or {}).get("relative"), "LLaVA-Bench relative (%)", "plots/llava_bench.png"),
+        ("mmhal", "per_type", lambda v: (v or {}).get("score"), "MMHal-Bench rating (0-6)", "plots/mmhal.png"),
     ):
         groups = _union_keys(results, bench, key)
         if groups:

@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--models-out", default=None, help="base models' directory (default: <out>/../models)")
     build.add_argument("--no-model", action="store_true", help="build the data only (no base model, no evaluation)")
     build.add_argument("--no-eval", action="store_true", help="skip measuring the base model")
+    sub.add_parser("judge", add_help=False,
+                   help="serve the world's annotator, an OpenAI-compatible judge upstream on loopback "
+                        "(bpo_ray.world.judge_server; --world DIR --port N)")
     return ap
 
 
@@ -94,7 +97,12 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str]) -> int:
-    args = build_parser().parse_args(list(argv))
+    argv = list(argv)
+    if argv[:1] == ["judge"]:
+        from bpo_ray.world import judge_server
+
+        return judge_server.main(argv[1:])
+    args = build_parser().parse_args(argv)
     try:
         return run_build(args)
     except (FileNotFoundError, ValueError) as exc:
