@@ -153,12 +153,12 @@ def build_dataset(items: list[dict[str, Any]], cfg: BPOConfig):
 
 def _consume(ds, store: ShardStore, pending: list[dict[str, Any]], progress: bool) -> None:
     """Stream results, committing each shard as soon as all of its items have arrived."""
-    from tqdm import tqdm
+    from bpo_ray.progress import progress as report_progress
 
     expected = Counter(it["shard"] for it in pending)
     buffers: dict[int, dict[int, dict]] = defaultdict(dict)
     tally: Counter = Counter()
-    bar = tqdm(total=len(pending), unit="item", desc="generate", disable=not progress, dynamic_ncols=True)
+    bar = report_progress(total=len(pending), unit="item", desc="generate", disable=not progress, dynamic_ncols=True)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for order, shard, result in zip(batch["order"], batch["shard"], batch["result"]):
             res = json.loads(result)

@@ -37,9 +37,9 @@ from typing import Any, Iterable, Sequence
 
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from bpo_ray import numerics
+from bpo_ray.progress import progress as report_progress
 from bpo_ray.config.shared import NumericsConfig
 from bpo_ray.config.world import BaseModelConfig
 from bpo_ray.models.checkpoint import save_portable, weights_sha256  # noqa: F401  (re-exported)
@@ -216,7 +216,7 @@ def run_steps(optimizer, steps: int, warmup: int, desc: str, batch_loss, clip: S
     batch), each param group's lr on ``learning_rate`` from its ``"peak"``, gradient norm clipped
     to 1 over ``clip`` when given; returns the losses."""
     losses: list[float] = []
-    progress = tqdm(range(steps), desc=desc, leave=False)
+    progress = report_progress(range(steps), desc=desc, unit="step", leave=False)
     for step in progress:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, steps, group["peak"], warmup)
