@@ -205,7 +205,8 @@ def run_generate(cfg: BPOConfig, source: str, out: str, images: Optional[str] = 
     pending = [it for it in read.items if it["shard"] not in done]
     t_read = time.perf_counter() - t0
     if pending:
-        ensure_models(cfg.models, _models_needed(gen.strategies), cfg.name, "generate")  # before Ray starts
+        # before Ray starts; absolute local paths for the workers
+        cfg = cfg.model_copy(update={"models": ensure_models(cfg.models, _models_needed(gen.strategies), cfg.name, "generate")})
         init_ray(cfg.ray)
         DataContext.get_current().enable_progress_bars = False
         _consume(build_dataset(pending, cfg), store, pending, gen.progress)

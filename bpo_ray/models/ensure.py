@@ -69,25 +69,41 @@ def build_tiny_atomically(out: Path, seed: int = 0) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def ensure_models(models: ModelsConfig, needed: Iterable[str], config_name: str, stage: str) -> None:
+def absolute_if_local(uri: str) -> str:
+    """An existing local path as an absolute one (Ray workers of a joined cluster run in another
+    working directory); URIs, hub ids and missing paths unchanged."""
+    if not _is_local_path(uri) or uri.startswith("file://"):
+        return uri
+    path = Path(uri).expanduser()
+    return str(path.resolve()) if path.exists() else uri
+
+
+def ensure_models(models: ModelsConfig, needed: Iterable[str], config_name: str, stage: str) -> ModelsConfig:
     """Check that the ``needed`` models (``"mllm"``, ``"text_llm"``) exist; build the tiny ones on
-    first use for the embedded default; otherwise raise ``ModelsMissing`` naming the command."""
+    first use for the embedded default; otherwise raise ``ModelsMissing`` naming the command.
+
+    Returns ``models`` with local paths made absolute, for the stage to hand to its Ray workers.
+    """
     missing = {k: getattr(models, k) for k in needed
                if _is_local_path(getattr(models, k)) and not _present(Path(getattr(models, k)).expanduser())}
-    if not missing:
-        return
     out = tiny_models_dir(models)
-    if config_name == "tiny" and out is not None:
+    if missing and config_name == "tiny" and out is not None:
         started = time.perf_counter()
         build_tiny_atomically(out)
         print(f"bpo-ray {stage}: no models under {out}; built the tiny random-init models there "
               f"({time.perf_counter() - started:.1f}s; `bpo-ray world build` replaces them with the world's "
               "trained base model)", file=sys.stderr, flush=True)
-        return
+    elif missing:
+        raise _missing_error(missing, out, stage)
+    return models.model_copy(update={"mllm": absolute_if_local(models.mllm),
+                                     "text_llm": absolute_if_local(models.text_llm)})
+
+
+def _missing_error(missing: dict[str, str], out: Path | None, stage: str) -> ModelsMissing:
     what = ", ".join(f"models.{k}={v}" for k, v in missing.items())
     if out is not None:
         hint = (f"build them with `bpo-ray models tiny --out {out}` (random init) or "
                 f"`bpo-ray world build --models-out {out}` (the bias world's base model)")
     else:
         hint = "point models.mllm / models.text_llm at HF-format checkpoints (`bpo-ray models tiny --out DIR` builds tiny ones)"
-    raise ModelsMissing(f"bpo-ray {stage}: model not found: {what}; {hint}")
+    return ModelsMissing(f"bpo-ray {stage}: model not found: {what}; {hint}")

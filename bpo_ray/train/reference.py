@@ -110,7 +110,7 @@ def run_reference(cfg: BPOConfig, pairs_uri: str, out_uri: str) -> Manifest:
     check_images_exist(table)
     files = storage.list_files(source, ".parquet")
 
-    ensure_models(cfg.models, ["mllm"], cfg.name, "reference")
+    cfg = cfg.model_copy(update={"models": ensure_models(cfg.models, ["mllm"], cfg.name, "reference")})
     init_ray(cfg.ray)
     ref = cfg.reference
     fs, _ = storage.filesystem(source)

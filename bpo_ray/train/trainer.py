@@ -75,6 +75,7 @@ def check_reference_settings(pairs_uri: str, train: TrainConfig, models: ModelsC
     (``model_path``: training's resolved ``models.mllm``), else the configured URI.
     """
     from bpo_ray.models.checkpoint import local_weights_sha256
+    from bpo_ray.models.ensure import absolute_if_local
 
     manifest_uri = storage.join(pairs_location(pairs_uri).rsplit("/pairs", 1)[0], "manifest.json")
     if not storage.exists(manifest_uri):
@@ -88,7 +89,8 @@ def check_reference_settings(pairs_uri: str, train: TrainConfig, models: ModelsC
     if settings.get("model_sha256") and ours:
         expected["model_sha256"] = ours
     else:  # a remote model on either side, or a manifest written before model_sha256 was recorded
-        expected["model"] = models.mllm
+        expected["model"] = absolute_if_local(models.mllm)
+        settings = {**settings, "model": absolute_if_local(settings.get("model") or "")}
     wrong = {k: (settings.get(k), v) for k, v in expected.items() if settings.get(k) != v}
     if wrong:
         detail = ", ".join(f"{k}: pairs have {a!r}, train has {b!r}" for k, (a, b) in wrong.items())
@@ -124,12 +126,12 @@ def run_training(cfg: BPOConfig, pairs_uri: str, out_uri: str) -> TrainResult:
     from bpo_ray.raycluster import check_cluster_can_write, init_ray
 
     started = time.perf_counter()
+    cfg = cfg.model_copy(update={"models": ensure_models(cfg.models, ["mllm"], cfg.name, "train")})
     train, models = cfg.train, cfg.models
     if train.lora.train_projector and not train.merge:
         print("bpo-ray train: note: an adapter with projector LoRA loads in PEFT but not as a vLLM LoRA "
               "adapter; set train.merge=true to also get a merged model vLLM can serve", file=sys.stderr)
     template = load_deepspeed_template(train)
-    ensure_models(models, ["mllm"], cfg.name, "train")
     model_path = resolve_model_path(models.mllm, models.cache_dir)
     check_lora_targets(model_path, train.lora)
     processor = AutoProcessor.from_pretrained(model_path)
