@@ -9,7 +9,6 @@ import time
 from collections import Counter
 from typing import Any, Callable, Optional
 
-
 from bpo_ray import storage
 from bpo_ray.config import BPOConfig
 from bpo_ray.evaluate.benchmarks import chair, llava_bench, mmvet, pope
