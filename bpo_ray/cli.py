@@ -42,6 +42,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     module_name = COMMANDS[name][0]
     pin_numerics_early(rest)
+    from bpo_ray.progress import quiet_library_bars
+
+    quiet_library_bars()  # before the stage imports transformers
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:

@@ -7,6 +7,9 @@ and one at the end. Ray Data's own bars switch to log lines by themselves when s
 terminal (``ray.data._internal.progress``, Ray 2.60).
 
 ``BPO_RAY_PROGRESS`` overrides the choice: ``bar``, ``lines`` or ``off`` (default ``auto``).
+``quiet_library_bars`` does the same for the bars of transformers and huggingface_hub ("Loading
+weights", "Writing model shards"): off where lines are used, through their documented
+``HF_HUB_DISABLE_PROGRESS_BARS`` switch (transformers reads it at import).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from typing import Any, Iterable, Iterator, Optional, TextIO
 
 MODE_ENV = "BPO_RAY_PROGRESS"
 MODES = ("auto", "bar", "lines", "off")
+#: huggingface_hub's switch, also read by transformers' progress bars.
+HF_BARS_ENV = "HF_HUB_DISABLE_PROGRESS_BARS"
 
 
 def _mode() -> str:
@@ -117,3 +122,20 @@ def progress(iterable: Optional[Iterable] = None, *, total: Optional[int] = None
         return tqdm(iterable, total=total, desc=desc, unit=unit, file=stream, initial=initial, **tqdm_kwargs)
     return LineProgress(iterable, total=total, desc=desc, unit=unit, file=stream, initial=initial,
                         every_pct=every_pct, every_s=every_s)
+
+
+def uses_bars(stream: Optional[TextIO] = None) -> bool:
+    """Whether ``progress`` draws tqdm bars on ``stream`` (default stderr)."""
+    mode = _mode()
+    return mode == "bar" or (mode == "auto" and _is_terminal(stream or sys.stderr))
+
+
+def quiet_library_bars(stream: Optional[TextIO] = None) -> bool:
+    """Turn off transformers' and huggingface_hub's bars where ``progress`` prints lines (an explicit
+    ``HF_HUB_DISABLE_PROGRESS_BARS`` wins); returns whether they were turned off."""
+    if uses_bars(stream) or os.environ.get(HF_BARS_ENV) is not None:
+        return False
+    os.environ[HF_BARS_ENV] = "1"
+    if "transformers" in sys.modules:  # imported already: its switch was read at import
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+    return True

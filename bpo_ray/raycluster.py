@@ -9,6 +9,7 @@ from typing import Optional
 
 from bpo_ray import numerics, storage
 from bpo_ray.config.shared import NumericsConfig, RayConfig
+from bpo_ray.progress import HF_BARS_ENV
 
 #: Non-secret storage settings forwarded to workers; credentials come from the nodes themselves.
 STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
@@ -16,13 +17,16 @@ STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEF
 
 def worker_env(numerics_cfg: Optional[NumericsConfig] = None) -> dict[str, str]:
     """Environment of every Ray worker a stage starts: the driver's non-secret S3 settings
-    (endpoint, region) and the kernel pinning of ``numerics`` (``bpo_ray.numerics``).
+    (endpoint, region), the kernel pinning of ``numerics`` (``bpo_ray.numerics``) and no
+    transformers / huggingface_hub progress bars (``HF_HUB_DISABLE_PROGRESS_BARS=1``).
 
     Credentials are never forwarded (a runtime_env is stored in the cluster's GCS and shown by
     the dashboard); workers get them from their node (instance profile / node environment).
     """
     env = {k: os.environ[k] for k in STORAGE_ENV if os.environ.get(k)}
     env.update(numerics.env_vars((numerics_cfg or NumericsConfig()).cpu_isa))
+    # a worker's output is a log, never a terminal: no "Loading weights" bars (bpo_ray.progress)
+    env.setdefault(HF_BARS_ENV, os.environ.get(HF_BARS_ENV, "1"))
     return env
 
 

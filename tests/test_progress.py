@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import re
 
 import pytest
@@ -77,3 +78,19 @@ def test_a_terminal_keeps_tqdm_and_the_env_overrides(monkeypatch):
     monkeypatch.setenv(MODE_ENV, "fancy")
     with pytest.raises(ValueError, match="BPO_RAY_PROGRESS='fancy'"):
         progress(total=3)
+
+
+def test_library_bars_are_off_where_lines_are_used_and_for_workers(monkeypatch):
+    from bpo_ray.config.shared import NumericsConfig
+    from bpo_ray.progress import HF_BARS_ENV, quiet_library_bars
+    from bpo_ray.raycluster import worker_env
+
+    monkeypatch.delenv(MODE_ENV, raising=False)
+    monkeypatch.delenv(HF_BARS_ENV, raising=False)
+    assert quiet_library_bars(FakeTerminal()) is False and HF_BARS_ENV not in os.environ
+    assert quiet_library_bars(io.StringIO()) is True
+    assert os.environ[HF_BARS_ENV] == "1"
+    assert worker_env(NumericsConfig())[HF_BARS_ENV] == "1"
+    monkeypatch.setenv(HF_BARS_ENV, "0")  # the user's explicit choice wins
+    assert quiet_library_bars(io.StringIO()) is False
+    assert worker_env(NumericsConfig())[HF_BARS_ENV] == "0"
