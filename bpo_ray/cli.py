@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("bpo_ray.generate.cli", "bootstrap preference pairs (Ray Data)"),
     "reference": ("bpo_ray.train.reference_cli", "add reference log-probs to pairs (Ray Data)"),
     "train": ("bpo_ray.train.cli", "LoRA DPO / SFT with Ray Train + DeepSpeed"),
+    "trl-pairs": ("bpo_ray.train.trl_cli", "pairs as a dataset stock TRL DPOTrainer trains on, same tokens"),
     "serve": ("bpo_ray.serving.cli", "serve the model and the judge proxy (Ray Serve)"),
     "evaluate": ("bpo_ray.evaluate.cli", "run benchmarks against a served model"),
     "demo": ("bpo_ray.demo", "every stage end to end on the embedded default"),
@@ -41,6 +42,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     module_name = COMMANDS[name][0]
     pin_numerics_early(rest)
+    from bpo_ray.progress import quiet_library_bars
+
+    quiet_library_bars()  # before the stage imports transformers
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:

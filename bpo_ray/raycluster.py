@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from typing import Optional
 
 from bpo_ray import numerics, storage
 from bpo_ray.config.shared import NumericsConfig, RayConfig
+from bpo_ray.progress import HF_BARS_ENV
 
 #: Non-secret storage settings forwarded to workers; credentials come from the nodes themselves.
 STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
@@ -15,13 +17,16 @@ STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEF
 
 def worker_env(numerics_cfg: Optional[NumericsConfig] = None) -> dict[str, str]:
     """Environment of every Ray worker a stage starts: the driver's non-secret S3 settings
-    (endpoint, region) and the kernel pinning of ``numerics`` (``bpo_ray.numerics``).
+    (endpoint, region), the kernel pinning of ``numerics`` (``bpo_ray.numerics``) and no
+    transformers / huggingface_hub progress bars (``HF_HUB_DISABLE_PROGRESS_BARS=1``).
 
     Credentials are never forwarded (a runtime_env is stored in the cluster's GCS and shown by
     the dashboard); workers get them from their node (instance profile / node environment).
     """
     env = {k: os.environ[k] for k in STORAGE_ENV if os.environ.get(k)}
     env.update(numerics.env_vars((numerics_cfg or NumericsConfig()).cpu_isa))
+    # a worker's output is a log, never a terminal: no "Loading weights" bars (bpo_ray.progress)
+    env.setdefault(HF_BARS_ENV, os.environ.get(HF_BARS_ENV, "1"))
     return env
 
 
@@ -31,19 +36,48 @@ def worker_runtime_env(numerics_cfg: Optional[NumericsConfig] = None, **extra: s
     return {"env_vars": env} if env else None
 
 
+def ray_address_choice(cfg: RayConfig | None = None) -> tuple[Optional[str], str]:
+    """Which Ray a stage uses: ``(address, why)``; ``address`` None means a fresh local instance.
+
+    A live cluster is joined only when the user says so: ``ray.address`` in the config (or
+    ``--address``; ``auto`` finds the cluster ``ray start`` started on this machine), else the
+    ``RAY_ADDRESS`` environment variable (set by ``ray job submit`` for the job's driver). Otherwise
+    the stage starts its own local instance, whatever ``ray start`` left running or left behind in
+    ``/tmp/ray/ray_current_cluster``: plain ``ray.init()`` would join that cluster (and refuse our
+    ``num_cpus``) or fail on a stale file.
+    """
+    cfg = cfg or RayConfig()
+    if cfg.address:
+        return cfg.address, "ray.address"
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
+    return None, "no ray.address / RAY_ADDRESS"
+
+
 def init_ray(cfg: RayConfig | None = None, **kwargs) -> None:
-    """Join the cluster a job was submitted to (``RAY_ADDRESS``), the configured address, or start
-    a local one. A no-op if Ray is already initialised in this process."""
+    """Join the cluster the user named (``ray_address_choice``) or start a fresh local one, and
+    say which in one line on stderr. A no-op if Ray is already initialised in this process."""
     import ray
 
     if ray.is_initialized():
         return
     cfg = cfg or RayConfig()
-    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    address, why = ray_address_choice(cfg)
     if address:
-        ray.init(address=address, namespace=cfg.namespace, log_to_driver=True, **kwargs)
-    else:
-        ray.init(num_cpus=cfg.num_cpus, namespace=cfg.namespace, include_dashboard=False, **kwargs)
+        try:
+            ray.init(address=address, namespace=cfg.namespace, log_to_driver=True, **kwargs)
+        except ConnectionError as exc:
+            raise ConnectionError(
+                f"cannot join the Ray cluster at {address!r} (from {why}): {exc}. Start it (`ray start --head`), "
+                "fix the address, or unset it to run on a fresh local Ray instance") from None
+        context = ray.get_runtime_context()
+        print(f"bpo-ray: joined the Ray cluster at {context.gcs_address} (from {why}); "
+              f"{int(ray.cluster_resources().get('CPU', 0))} CPUs", file=sys.stderr, flush=True)
+        return
+    # "local": a new instance, never the one named in ray_current_cluster (Ray's ray.init docs).
+    ray.init(address="local", num_cpus=cfg.num_cpus, namespace=cfg.namespace, include_dashboard=False, **kwargs)
+    print(f"bpo-ray: started a fresh local Ray instance ({why}; num_cpus={cfg.num_cpus or 'all'}); "
+          "to use a running cluster set RAY_ADDRESS or ray.address (e.g. --address auto)", file=sys.stderr, flush=True)
 
 
 def check_cluster_can_write(uri: str, runtime_env: Optional[dict] = None) -> None:

@@ -62,7 +62,7 @@ def ray_cluster(s3_server):
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, namespace="bpo-ray-tests",
+        ray.init(address="local", num_cpus=4, include_dashboard=False, namespace="bpo-ray-tests",
                  runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
     yield ray
     ray.shutdown()

@@ -20,9 +20,12 @@ class ModelsConfig(StrictModel):
 
 
 class RayConfig(StrictModel):
-    """How to reach Ray. ``address=None`` starts (or joins) a local cluster."""
+    """How to reach Ray (``bpo_ray.raycluster.init_ray``): a set ``address`` joins that cluster;
+    otherwise ``RAY_ADDRESS`` (``ray job submit`` sets it) is joined, else a fresh local instance
+    starts, even when ``ray start`` runs on this machine."""
 
-    address: Optional[str] = None
+    address: Optional[str] = Field(None, description="cluster to join: host:port, ray://host:port, or 'auto' "
+                                   "(the cluster `ray start` started on this machine); null: RAY_ADDRESS or a fresh local instance")
     num_cpus: Optional[int] = Field(None, ge=1, description="only for a local cluster")
     namespace: str = "bpo-ray"
 

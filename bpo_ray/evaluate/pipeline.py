@@ -9,14 +9,13 @@ import time
 from collections import Counter
 from typing import Any, Callable, Optional
 
-from tqdm import tqdm
-
 from bpo_ray import storage
 from bpo_ray.config import BPOConfig
 from bpo_ray.evaluate.benchmarks import amber, chair, llava_bench, mmhal, mmvet, objhal, pope
 from bpo_ray.evaluate.items import LoadedBenchmark
 from bpo_ray.evaluate.judge import MODEL_TOKEN_ENV, JudgeProtocol, Secret, error_reason, openai_client, secret_from_env
 from bpo_ray.evaluate.runner import EndpointSpec, run_rows
+from bpo_ray.progress import progress as report_progress
 
 METRICS_FILE = "metrics.json"
 ITEMS_FILE = "items.jsonl"
@@ -223,7 +222,7 @@ def evaluate(
     answered: dict[str, dict[str, Any]] = {}
     with _quiet_ray_data_progress():
         stream = run_rows(rows, model_spec, judge_spec, protocols)
-        for row in tqdm(stream, total=len(rows), desc=f"evaluate {model_name}", disable=not progress, unit="item"):
+        for row in report_progress(stream, total=len(rows), desc=f"evaluate {model_name}", disable=not progress, unit="item"):
             answered[row["id"]] = row
     run_s = time.perf_counter() - run_started
     judge_usage = usage_delta(usage_before, proxy_usage(judge_url, token)) if judge_spec else None

@@ -153,12 +153,12 @@ def build_dataset(items: list[dict[str, Any]], cfg: BPOConfig):
 
 def _consume(ds, store: ShardStore, pending: list[dict[str, Any]], progress: bool) -> None:
     """Stream results, committing each shard as soon as all of its items have arrived."""
-    from tqdm import tqdm
+    from bpo_ray.progress import progress as report_progress
 
     expected = Counter(it["shard"] for it in pending)
     buffers: dict[int, dict[int, dict]] = defaultdict(dict)
     tally: Counter = Counter()
-    bar = tqdm(total=len(pending), unit="item", desc="generate", disable=not progress, dynamic_ncols=True)
+    bar = report_progress(total=len(pending), unit="item", desc="generate", disable=not progress, dynamic_ncols=True)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for order, shard, result in zip(batch["order"], batch["shard"], batch["result"]):
             res = json.loads(result)
@@ -178,11 +178,17 @@ def _consume(ds, store: ShardStore, pending: list[dict[str, Any]], progress: boo
         raise RuntimeError(f"pipeline ended with incomplete shards (shard: missing items) {missing}")
 
 
+def _models_needed(strategies) -> list[str]:
+    """The ``ModelsConfig`` fields the strategies load: the injector the text LLM, the rest the MLLM."""
+    return sorted({"text_llm" if s == "error_injection" else "mllm" for s in strategies})
+
+
 def run_generate(cfg: BPOConfig, source: str, out: str, images: Optional[str] = None,
                  restart: bool = False) -> Manifest:
     """Run (or resume) the generate stage; returns the manifest also written to ``out``."""
     from ray.data import DataContext
 
+    from bpo_ray.models.ensure import ensure_models
     from bpo_ray.raycluster import init_ray
 
     gen = cfg.generate
@@ -199,6 +205,8 @@ def run_generate(cfg: BPOConfig, source: str, out: str, images: Optional[str] = 
     pending = [it for it in read.items if it["shard"] not in done]
     t_read = time.perf_counter() - t0
     if pending:
+        # before Ray starts; absolute local paths for the workers
+        cfg = cfg.model_copy(update={"models": ensure_models(cfg.models, _models_needed(gen.strategies), cfg.name, "generate")})
         init_ray(cfg.ray)
         DataContext.get_current().enable_progress_bars = False
         _consume(build_dataset(pending, cfg), store, pending, gen.progress)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
@@ -48,3 +49,23 @@ def _rewrite_vision_keys(out: Path) -> None:
             for k, v in data["weight_map"].items()
         }
         index.write_text(json.dumps(data, indent=2))
+
+
+def weights_sha256(model_dir: str | Path) -> str:
+    """sha256 over a checkpoint's ``*.safetensors`` files (name and bytes, sorted): the model's identity."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        digest.update(path.name.encode())
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def local_weights_sha256(uri: str) -> str | None:
+    """``weights_sha256`` of a local checkpoint dir; None for a remote URI, a hub id or a dir without
+    ``*.safetensors`` (their identity is then the URI alone)."""
+    path = Path(uri).expanduser()
+    if "://" in uri or not path.is_dir() or not any(path.glob("*.safetensors")):
+        return None
+    return weights_sha256(path)

@@ -44,6 +44,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = config_from_args(args, extra)
 
     from bpo_ray.config import ConfigError
+    from bpo_ray.models.ensure import ensure_models
     from bpo_ray.models.loading import resolve_model_path
     from bpo_ray.raycluster import init_ray
     from bpo_ray.serving.apps import with_adapters
@@ -57,6 +58,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     apps = (MODEL_APP, JUDGE_APP) if args.app == "both" else (args.app,)
     if MODEL_APP in apps and "://" not in cfg.models.mllm:  # remote models are fetched by the replicas
         try:
+            ensure_models(cfg.models, ["mllm"], cfg.name, "serve")
             resolve_model_path(cfg.models.mllm, cfg.models.cache_dir)
         except FileNotFoundError as exc:
             print(f"bpo-ray serve: {exc}", file=sys.stderr)

@@ -53,7 +53,8 @@ def format_prompt(prompt: str) -> str:
     return build_prompt(text)
 
 
-def _answer_ids(full: list[int], prompt: list[int], tokenizer, answer: str) -> list[int]:
+def answer_ids(full: list[int], prompt: list[int], tokenizer, answer: str) -> list[int]:
+    """The answer's token ids after ``prompt`` in ``full`` (prompt + answer tokenized together), plus EOS."""
     # Tokenising prompt+answer together gives the ids the model sees at inference; fall back to
     # the answer alone if a merge across the boundary changed the prompt's last token.
     if full[: len(prompt)] == prompt:
@@ -74,8 +75,8 @@ def encode_pair(processor, image: Image.Image, prompt: str, chosen: str, rejecte
         raise PromptTooLong(f"prompt has {len(prompt_ids)} tokens (image tokens included), "
                             f"max_length is {max_length}")
     tok = processor.tokenizer
-    chosen_ids = _answer_ids(full_chosen, prompt_ids, tok, chosen)[:room]
-    rejected_ids = _answer_ids(full_rejected, prompt_ids, tok, rejected)[:room]
+    chosen_ids = answer_ids(full_chosen, prompt_ids, tok, chosen)[:room]
+    rejected_ids = answer_ids(full_rejected, prompt_ids, tok, rejected)[:room]
     pixel_values = torch.as_tensor(np.asarray(enc["pixel_values"][0]))[None]
     return EncodedPair(prompt_ids, chosen_ids, rejected_ids, pixel_values)
 

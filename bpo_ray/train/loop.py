@@ -208,9 +208,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    **({"held_out_pairs": len(val_dataset)} if val_dataset is not None else {})})
     progress = None
     if rank == 0:
-        from tqdm import tqdm
+        from bpo_ray.progress import progress as report_progress
 
-        progress = tqdm(total=steps_total, initial=state.step, desc=f"{train.mode} (ZeRO-{train.zero_stage}, {world} workers)",
+        progress = report_progress(total=steps_total, initial=state.step, desc=f"{train.mode} (ZeRO-{train.zero_stage}, {world} workers)",
                         file=sys.stderr, mininterval=5.0)
 
     def checkpoint_and_report(metrics: dict, final: bool = False) -> None:

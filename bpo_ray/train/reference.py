@@ -85,15 +85,20 @@ class ReferenceScorer:
 
 
 def reference_settings(cfg: BPOConfig) -> dict[str, Any]:
-    """What the reference log-probs depend on; training checks its own settings against these."""
-    return {"model": cfg.models.mllm, "dtype": cfg.models.dtype, "max_length": cfg.train.max_length,
-            "average_logp": cfg.train.average_logp}
+    """What the reference log-probs depend on; training checks its own settings against these
+    (``trainer.check_reference_settings``). ``model_sha256`` is the weights' identity for a local
+    checkpoint (None for a remote one: the URI identifies it)."""
+    from bpo_ray.models.checkpoint import local_weights_sha256
+
+    return {"model": cfg.models.mllm, "model_sha256": local_weights_sha256(cfg.models.mllm), "dtype": cfg.models.dtype,
+            "max_length": cfg.train.max_length, "average_logp": cfg.train.average_logp}
 
 
 def run_reference(cfg: BPOConfig, pairs_uri: str, out_uri: str) -> Manifest:
     """Score every pair at ``pairs_uri`` with the base model; write ``out_uri/pairs`` + manifest."""
     import ray
 
+    from bpo_ray.models.ensure import ensure_models
     from bpo_ray.raycluster import init_ray, worker_runtime_env
 
     started = time.perf_counter()
@@ -105,6 +110,7 @@ def run_reference(cfg: BPOConfig, pairs_uri: str, out_uri: str) -> Manifest:
     check_images_exist(table)
     files = storage.list_files(source, ".parquet")
 
+    cfg = cfg.model_copy(update={"models": ensure_models(cfg.models, ["mllm"], cfg.name, "reference")})
     init_ray(cfg.ray)
     ref = cfg.reference
     fs, _ = storage.filesystem(source)

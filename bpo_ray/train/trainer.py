@@ -67,8 +67,17 @@ def check_lora_targets(model_path: str, lora: LoraConfig) -> list[str]:
     return resolve_targets(model, lora)
 
 
-def check_reference_settings(pairs_uri: str, train: TrainConfig, models: ModelsConfig) -> None:
-    """Precomputed reference log-probs must be computed the way training computes the policy's."""
+def check_reference_settings(pairs_uri: str, train: TrainConfig, models: ModelsConfig,
+                             model_path: Optional[str] = None) -> None:
+    """Precomputed reference log-probs must come from the model training starts from (with LoRA the
+    reference is the policy with its adapter disabled), in the same dtype, scored the same way.
+
+    The model's identity is the sha256 of its weights when both sides have a local checkpoint
+    (``model_path``: training's resolved ``models.mllm``), else the configured URI.
+    """
+    from bpo_ray.models.checkpoint import local_weights_sha256
+    from bpo_ray.models.ensure import absolute_if_local
+
     manifest_uri = storage.join(pairs_location(pairs_uri).rsplit("/pairs", 1)[0], "manifest.json")
     if not storage.exists(manifest_uri):
         return  # produced elsewhere (e.g. another tool): trusted as given
@@ -76,7 +85,13 @@ def check_reference_settings(pairs_uri: str, train: TrainConfig, models: ModelsC
     settings = manifest.config.get("reference_settings")
     if manifest.stage != "reference" or not settings:
         return
-    expected = {"average_logp": train.average_logp, "max_length": train.max_length}
+    expected = {"average_logp": train.average_logp, "max_length": train.max_length, "dtype": models.dtype}
+    ours = local_weights_sha256(model_path or models.mllm)
+    if settings.get("model_sha256") and ours:
+        expected["model_sha256"] = ours
+    else:  # a remote model on either side, or a manifest written before model_sha256 was recorded
+        expected["model"] = absolute_if_local(models.mllm)
+        settings = {**settings, "model": absolute_if_local(settings.get("model") or "")}
     wrong = {k: (settings.get(k), v) for k, v in expected.items() if settings.get(k) != v}
     if wrong:
         detail = ", ".join(f"{k}: pairs have {a!r}, train has {b!r}" for k, (a, b) in wrong.items())
@@ -107,10 +122,12 @@ def run_training(cfg: BPOConfig, pairs_uri: str, out_uri: str) -> TrainResult:
     from ray.train.torch import TorchTrainer
     from transformers import AutoProcessor
 
+    from bpo_ray.models.ensure import ensure_models
     from bpo_ray.models.loading import resolve_model_path
     from bpo_ray.raycluster import check_cluster_can_write, init_ray
 
     started = time.perf_counter()
+    cfg = cfg.model_copy(update={"models": ensure_models(cfg.models, ["mllm"], cfg.name, "train")})
     train, models = cfg.train, cfg.models
     if train.lora.train_projector and not train.merge:
         print("bpo-ray train: note: an adapter with projector LoRA loads in PEFT but not as a vLLM LoRA "
@@ -123,7 +140,7 @@ def run_training(cfg: BPOConfig, pairs_uri: str, out_uri: str) -> TrainResult:
                              noise_steps=train.noise_steps, validation=train.validation)
     use_reference_columns = train.mode == "dpo" and train.use_precomputed_reference and prepared.reference
     if use_reference_columns:
-        check_reference_settings(pairs_uri, train, models)
+        check_reference_settings(pairs_uri, train, models, model_path)
 
     validated_s = time.perf_counter() - started
     init_ray(cfg.ray)

@@ -27,7 +27,6 @@ Same parameters, same machine -> bit-identical weights (seeded init, seeded batc
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -38,12 +37,12 @@ from typing import Any, Iterable, Sequence
 
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from bpo_ray import numerics
+from bpo_ray.progress import progress as report_progress
 from bpo_ray.config.shared import NumericsConfig
 from bpo_ray.config.world import BaseModelConfig
-from bpo_ray.models.checkpoint import save_portable
+from bpo_ray.models.checkpoint import save_portable, weights_sha256  # noqa: F401  (re-exported)
 from bpo_ray.models.loading import load_mllm, load_text_lm
 from bpo_ray.models.prompts import IMAGE_TOKEN, build_prompt, strip_image_token
 from bpo_ray.models.tiny import TinySpec, build_tiny_models
@@ -217,7 +216,7 @@ def run_steps(optimizer, steps: int, warmup: int, desc: str, batch_loss, clip: S
     batch), each param group's lr on ``learning_rate`` from its ``"peak"``, gradient norm clipped
     to 1 over ``clip`` when given; returns the losses."""
     losses: list[float] = []
-    progress = tqdm(range(steps), desc=desc, leave=False)
+    progress = report_progress(range(steps), desc=desc, unit="step", leave=False)
     for step in progress:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, steps, group["peak"], warmup)
@@ -435,17 +434,6 @@ def align_mllm(mllm, tokenizer, pixels: dict[str, torch.Tensor], records: Sequen
 def _cache_key(world: dict[str, Any], recipe: BaseModelRecipe, seed: int, numerics_cfg: NumericsConfig) -> dict[str, Any]:
     return {"format": BASE_MODEL_FORMAT, "world": world["params"], "seed": seed, "recipe": recipe.model_dump(),
             "numerics": numerics_cfg.model_dump()}
-
-
-def weights_sha256(model_dir: str | Path) -> str:
-    """sha256 over a checkpoint's ``*.safetensors`` files (name and bytes, sorted): the model's identity."""
-    digest = hashlib.sha256()
-    for path in sorted(Path(model_dir).glob("*.safetensors")):
-        digest.update(path.name.encode())
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 def build_base_model(

@@ -19,13 +19,13 @@ from typing import Any, Optional, Sequence
 
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from bpo_ray.eval.chair import ChairItem, prior_typical_share, score_chair
 from bpo_ray.eval.pope import build_pope_probes, score_pope
 from bpo_ray.models.mllm import Sampling, encode_prompts, generate_from_features, image_features
 from bpo_ray.models.prompts import build_prompt, strip_image_token
 from bpo_ray.noise import add_diffusion_noise
+from bpo_ray.progress import progress as report_progress
 from bpo_ray.world import vocab
 
 DEFAULT_NOISE_STEPS: tuple[int, ...] = (0, 100, 200, 300, 400, 500, 600, 700, 800, 900, 999)
@@ -66,7 +66,7 @@ def answer_questions(
     with ``noise_step``, the image features are weakened by the diffusion forward process."""
     answers: list[str] = []
     loaded: dict[str, Image.Image] = {}
-    for start in tqdm(range(0, len(images), batch_size), desc=desc, leave=False):
+    for start in report_progress(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False):
         names = images[start : start + batch_size]
         for name in names:
             if name not in loaded:
