@@ -42,7 +42,29 @@ VARIANTS: dict[str, tuple[str, list[str], tuple[str, ...]]] = {
     "bpo_no_weakening": ("dpo", BOTH, ("train.sft_weight=1.0", "train.noise_steps=[0]")),
     # SFT on the chosen answers of the same pairs (the paper's Table 4 baseline).
     "sft": ("sft", BOTH, (f"train.noise_steps=[{NOISE_STEP}]",)),
+    # On-policy, verifier-labelled sentence-level pairs (issue #16; RLAIF-V / SENTINEL): the base
+    # model's own captions, the annotations verifier over the world's scene objects, from their
+    # own generate run (ONPOLICY_GENERATE). Both answers are the model's, so DPO needs no NLL
+    # anchor to keep fluency; ONPOLICY_TRAIN has the measured settings.
+    "onpolicy": ("dpo", ["on_policy"], ()),
 }
+
+#: Variants trained on pairs of their own generate run (variant -> output folder under the demo's).
+OWN_PAIRS: dict[str, str] = {"onpolicy": "generate_onpolicy"}
+
+#: The on-policy generate run: descriptions only (the strategy needs object mentions), K samples at
+#: temperature 1.0 and up to the evaluation's 96 tokens, annotations verifier (the records' scene
+#: objects, the world's synonyms). Sized for about 2-3 minutes on 2 cores (docs/generate.md).
+ONPOLICY_GENERATE: tuple[str, ...] = (
+    "generate.strategies=[on_policy]",
+    "generate.sample_items=2400",
+    "generate.on_policy.item_sources=[caption]",
+    "generate.on_policy.num_samples=4",
+    "generate.on_policy.num_continuations=4",
+    "generate.on_policy.sampling.temperature=1.0",
+    "generate.on_policy.sampling.max_new_tokens=96",
+    "generate.on_policy.pool={min_size: 1, max_size: 2, num_cpus: 0.5, batch_size: 16}",
+)
 
 
 # The demo's sizes: small enough for one 2-core machine in under 20 minutes. Any of them can be
@@ -99,8 +121,12 @@ def run_demo(out: Path, config: str, overrides: Sequence[str], num_cpus: int = 4
         stage("generate pairs", "generate", [*shared, "--source", str(out / "world" / "train.jsonl"),
                                                "--images", str(out / "world"), "--out", str(out / "generate")])
         stage("reference log-probs", "reference", [*shared, "--pairs", str(out / "generate"), "--out", str(out / "reference")])
+        stage("generate on-policy pairs", "generate", [
+            *shared, "--source", str(out / "world" / "train.jsonl"), "--images", str(out / "world"),
+            "--out", str(out / OWN_PAIRS["onpolicy"]), *[arg for o in ONPOLICY_GENERATE for arg in ("--set", o)]])
         for name, (mode, strategies, extra) in VARIANTS.items():
-            stage(f"train {name}", "train", [*shared, "--pairs", str(out / "reference"), "--out", str(out / "train" / name),
+            pairs = out / OWN_PAIRS.get(name, "reference")
+            stage(f"train {name}", "train", [*shared, "--pairs", str(pairs), "--out", str(out / "train" / name),
                                              "--set", f"train.mode={mode}",
                                              "--set", f"train.strategies=[{','.join(strategies)}]",
                                              *[arg for o in extra for arg in ("--set", o)]])
