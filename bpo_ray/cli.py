@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("bpo_ray.train.cli", "LoRA DPO / SFT with Ray Train + DeepSpeed"),
     "serve": ("bpo_ray.serving.cli", "serve the model and the judge proxy (Ray Serve)"),
     "evaluate": ("bpo_ray.evaluate.cli", "run benchmarks against a served model"),
+    "iterate": ("bpo_ray.iterate", "rounds of on-policy generate -> train (RLAIF-V)"),
     "demo": ("bpo_ray.demo", "every stage end to end on the embedded default"),
     "envcheck": ("bpo_ray.envcheck", "check that the installed stack works"),
 }

@@ -243,3 +243,36 @@ def test_samples_are_seeded_and_an_adapter_changes_the_policy(ray_cluster, tiny_
         bad = cfg.model_copy(deep=True)
         bad.generate.on_policy.adapter = str(tmp_path / "no-such-adapter")
         run_generate(bad, source, str(tmp_path / "x"))
+
+
+def test_iterate_rounds_use_the_previous_policy_and_resume_by_marker(ray_cluster, tiny_models, world, letters, tmp_path):
+    """RLAIF-V's rounds: round 1 samples from round 0's merged policy; finished stages are skipped
+    on a rerun, an unfinished one (its marker missing, as after a kill) is redone."""
+    from bpo_ray.iterate import marker_uri, run_iterate
+
+    source, _, _ = source_without_objects(world, tmp_path / "src", 6, bad=False)
+    cfg = on_policy_cfg(tiny_models, letters, **{
+        "generate.on_policy.pair_level": "response", "train.mode": "dpo", "train.num_workers": 1,
+        "train.per_device_batch_size": 4, "train.max_steps": 2, "train.checkpoint_every": 100, "train.lr": 5e-3,
+        "train.warmup_ratio": 0})
+    out = str(tmp_path / "iter")
+    logs: list[str] = []
+    first = run_iterate(cfg, source, out, rounds=1, log=logs.append)
+    assert [line.split(": ", 1)[1].split(" ")[0] for line in logs] == ["generate", "train", "merge"]
+    logs.clear()
+    both = run_iterate(cfg, source, out, rounds=2, log=logs.append)
+    assert all("round 1" in line for line in logs) and len(logs) == 3  # round 0 is not redone
+    assert both["rounds"][0] == first["rounds"][0]
+    r1 = pair_rows(storage.join(out, "round-1", "generate"))
+    assert r1 and {r["generator"] for r in r1} == {first["final_policy"]}
+    assert both["rounds"][1]["policy"] == first["final_policy"] != both["final_policy"]
+    # a run killed after round 1's training: only the merge is redone
+    os.remove(marker_uri(out, 1, "policy"))
+    logs.clear()
+    again = run_iterate(cfg, source, out, rounds=2, log=logs.append)
+    assert len(logs) == 1 and "merge" in logs[0] and again["final_policy"] == both["final_policy"]
+    assert json.loads(Path(out, "iterate.json").read_text())["final_policy"] == both["final_policy"]
+    with pytest.raises(ValueError, match="on_policy"):
+        bad = cfg.model_copy(deep=True)
+        bad.generate.strategies = ["image_weakened"]
+        run_iterate(bad, source, out, rounds=1)
