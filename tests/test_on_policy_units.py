@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from bpo_ray.eval.chair import ObjectMentionExtractor
-from bpo_ray.generate.on_policy import (Sample, continuation_prompt, pick_continuation, response_pair,
-                                        sentence_target, verify_text)
+from bpo_ray.generate.on_policy import (Sample, continuation_prompt, pick_continuation, repeats_sentence,
+                                        response_pair, sentence_target, verify_text)
 from bpo_ray.generate.sentences import (SentenceVerdict, apply_verdicts, complete_sentences, first_hallucinated,
                                         is_grounded_answer, sentence_objects, split_sentences)
 from bpo_ray.generate.verifiers import (CLAIM_TEMPLATE, AnnotationVerifier, DetectorVerifier, JudgeClaimVerifier,
@@ -81,6 +81,10 @@ def test_response_pair_prefers_fewest_hallucinations_and_needs_a_gap():
     # "Nothing." has no hallucination but names no real object: never chosen
     assert response_pair([s[3], s[2]], 1) == "no_grounded_sample"
     assert response_pair([s[1], s[1]], 1) == "no_grounding_gap"
+    # an answer that repeats a grounded sentence is never chosen
+    rep = _sample("A cup. A cup!", truth)
+    assert rep.hallucinated == 0 and rep.grounded == 2
+    assert response_pair([rep, s[0], s[2]], 1) == (1, 2)
 
 
 def test_sentence_target_and_continuations():
@@ -93,6 +97,11 @@ def test_sentence_target_and_continuations():
     assert pick_continuation(conts, "sentence") == 1  # its first sentence is grounded and names a fork
     assert pick_continuation(conts, "to_end") == 2  # the whole rest must be grounded
     assert pick_continuation(conts[:2], "to_end") is None
+    # no continuation that repeats the prefix (or itself) is chosen
+    assert pick_continuation(conts, "sentence", prefix=["a fork"]) is None
+    assert pick_continuation(conts + [_sample("A cup. A fork.", truth)], "sentence", prefix=["A fork."]) == 3
+    assert pick_continuation([_sample("A cup. a CUP!", truth), conts[2]], "to_end") == 1
+    assert repeats_sentence(["A fork.", "A cup."], ["a  fork"]) and not repeats_sentence(["A fork.", "A cup."])
     assert continuation_prompt("USER: <image>\nQ ASSISTANT:", "A cup.") == "USER: <image>\nQ ASSISTANT: A cup."
     assert continuation_prompt("USER: <image>\nQ ASSISTANT:", "") == "USER: <image>\nQ ASSISTANT:"
 
