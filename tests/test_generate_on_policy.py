@@ -28,7 +28,7 @@ from bpo_ray.eval.chair import ObjectMentionExtractor
 from bpo_ray.generate.sentences import apply_verdicts, sentence_objects
 from bpo_ray.generate.shards import ShardStore
 from bpo_ray.generate.sources import read_source
-from bpo_ray.schemas import PAIR_SCHEMA, QUARANTINE_SCHEMA, read_manifest, read_parquet
+from bpo_ray.schemas import PAIR_SCHEMA, QUARANTINE_SCHEMA, read_parquet
 from on_policy_support import ClaimJudge, JudgeProxyServer, pixels_key
 from test_generate_pipeline import check_accounting, overrides, world_records
 from test_generate_units import write_bad_source
