@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "trl-pairs": ("bpo_ray.train.trl_cli", "pairs as a dataset stock TRL DPOTrainer trains on, same tokens"),
     "serve": ("bpo_ray.serving.cli", "serve the model and the judge proxy (Ray Serve)"),
     "evaluate": ("bpo_ray.evaluate.cli", "run benchmarks against a served model"),
+    "iterate": ("bpo_ray.iterate", "rounds of on-policy generate -> train (RLAIF-V)"),
     "demo": ("bpo_ray.demo", "every stage end to end on the embedded default"),
     "envcheck": ("bpo_ray.envcheck", "check that the installed stack works"),
 }

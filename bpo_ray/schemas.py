@@ -42,7 +42,7 @@ QUARANTINE_SCHEMA = pa.schema([
     pa.field("raw", pa.string(), nullable=False),
 ])
 
-STRATEGIES = ("image_weakened", "error_injection", "judge_ranked")
+STRATEGIES = ("image_weakened", "error_injection", "judge_ranked", "on_policy")
 
 
 class SchemaError(ValueError):

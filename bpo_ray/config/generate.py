@@ -111,6 +111,64 @@ class JudgeRankedConfig(StrictModel):
     pool: PoolConfig = PoolConfig()
 
 
+class OnPolicySamplingConfig(SamplingConfig):
+    """On-policy sampling on the clean image; RLAIF-V samples its candidates at temperature 0.7."""
+
+    temperature: float = Field(0.7, ge=0)
+
+
+class DetectorConfig(StrictModel):
+    """An open-vocabulary detector (OWLv2 / Grounding DINO through transformers) used as verifier.
+
+    ``kind: scene_truth`` answers from the item's object annotations through the detector
+    interface (CPU tests and the bias world); ``owlv2`` loads ``model_id`` with
+    ``transformers.Owlv2ForObjectDetection`` on ``device`` (GPU clusters).
+    """
+
+    kind: Literal["scene_truth", "owlv2"] = "scene_truth"
+    model_id: str = "google/owlv2-base-patch16-ensemble"
+    threshold: float = Field(0.3, gt=0, le=1)
+    device: str = "auto"
+
+
+class VerifierConfig(StrictModel):
+    """Who decides whether a mentioned object is in the image (``bpo_ray.generate.verifiers``)."""
+
+    kind: Literal["annotations", "judge", "detector"] = "annotations"
+    synonyms: Optional[str] = Field(
+        None, description="object vocabulary: a bias-world world.json (its `synonyms`) or CHAIR's synonyms.txt; "
+        "default: world.json beside the source file")
+    annotations: Optional[str] = Field(
+        None, description="COCO instances JSON or Visual Genome objects JSON (image file name / id -> objects); "
+        "default: the records' own `objects` field")
+    annotations_format: Literal["coco", "visual_genome"] = "coco"
+    judge_url: Optional[str] = Field(None, description="OpenAI-compatible base URL (e.g. the judge proxy)")
+    judge_model: str = "gpt-4"
+    judge_key_env: str = Field("OPENAI_API_KEY", description="env var holding the judge API key")
+    timeout_s: float = Field(60.0, gt=0)
+    max_retries: int = Field(3, ge=0, description="retries of an unusable reply or outage before quarantine")
+    detector: DetectorConfig = DetectorConfig()
+
+
+class OnPolicyConfig(StrictModel):
+    """On-policy, verifier-labelled pairs (RLAIF-V; SENTINEL, ICCV 2025): the policy's own answers,
+    a verifier's verdict per object mention, sentence-level (default) or response-level pairs."""
+
+    adapter: Optional[str] = Field(None, description="a trained LoRA adapter dir: sample from the tuned policy")
+    num_samples: int = Field(4, ge=1, description="K answers per item")
+    num_continuations: int = Field(4, ge=1, description="grounded continuations sampled from the shared prefix")
+    pair_level: Literal["sentence", "response"] = "sentence"
+    span: Literal["sentence", "to_end"] = Field(
+        "to_end", description="sentence pairs: compare only the next sentence, or the rest of the answer")
+    min_gap: int = Field(1, ge=1, description="response pairs: hallucinated mentions rejected - chosen")
+    item_sources: Optional[list[str]] = Field(
+        None, description="only items whose `source` is listed (e.g. [caption]: descriptions); the others are "
+        "filtered as source_not_selected without sampling (null: all)")
+    sampling: OnPolicySamplingConfig = OnPolicySamplingConfig()
+    verifier: VerifierConfig = VerifierConfig()
+    pool: PoolConfig = PoolConfig()
+
+
 class FilterConfig(StrictModel):
     """Drop degenerate negatives; each drop is counted by reason in the manifest."""
 
@@ -121,7 +179,7 @@ class FilterConfig(StrictModel):
 
 
 class GenerateConfig(StrictModel):
-    strategies: list[Literal["image_weakened", "error_injection", "judge_ranked"]] = Field(
+    strategies: list[Literal["image_weakened", "error_injection", "judge_ranked", "on_policy"]] = Field(
         default_factory=lambda: ["image_weakened", "error_injection"]
     )
     seed: int = 0
@@ -137,6 +195,7 @@ class GenerateConfig(StrictModel):
     sampler: SamplerConfig = SamplerConfig()
     injector: InjectorConfig = InjectorConfig()
     judge_ranked: JudgeRankedConfig = JudgeRankedConfig()
+    on_policy: OnPolicyConfig = OnPolicyConfig()
     filters: FilterConfig = FilterConfig()
 
     @field_validator("strategies")

@@ -100,7 +100,7 @@ class TrainConfig(StrictModel):
     max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping; 0 turns it off")
     checkpoints_to_keep: int = Field(2, ge=1)
     use_precomputed_reference: bool = Field(True, description="use ref_*_logp columns when every pair has them")
-    strategies: Optional[list[Literal["image_weakened", "error_injection", "judge_ranked"]]] = Field(
+    strategies: Optional[list[Literal["image_weakened", "error_injection", "judge_ranked", "on_policy"]]] = Field(
         None, description="train only on pairs whose negative came from these strategies (null: all)")
     noise_steps: Optional[list[int]] = Field(
         None, description="train only on image-weakened pairs from these diffusion steps (null: all); the paper's "

@@ -2,7 +2,8 @@
 
 BPO pairs the ground-truth answer (chosen, paper section 3) with each bootstrapped negative
 (rejected): ``(x, y_w = y_gt, y_l = y_neg)`` is what the DPO loss (paper Eq. 4) consumes.
-Judge-ranked pairs bring their own chosen answer. Degenerate negatives are dropped and counted:
+Judge-ranked and on-policy pairs bring their own chosen answer (on-policy sentence-level pairs
+also their own prompt: the item's prompt plus the shared grounded prefix). Degenerate negatives are dropped and counted:
 
 - ``empty``: shorter than ``min_chars`` after stripping;
 - ``identical_to_chosen``: equal to the chosen answer up to case, spacing and punctuation;
@@ -78,7 +79,7 @@ def pair_row(item: dict[str, Any], strategy: str, negative: dict[str, Any], chos
     return {
         "id": pair_id(item["item_id"], strategy, params),
         "source": item["source"], "source_id": item["item_id"], "image": item["image_uri"],
-        "image_sha256": item["image_sha256"], "prompt": item["llava_prompt"], "chosen": chosen,
+        "image_sha256": item["image_sha256"], "prompt": negative.get("prompt", item["llava_prompt"]), "chosen": chosen,
         "rejected": negative["text"].strip(), "strategy": strategy, "noise_step": negative.get("noise_step"),
         "generator": negative["generator"], "sampling": sampling, "seed": int(negative["seed"]),
         "ref_chosen_logp": None, "ref_rejected_logp": None,
@@ -98,6 +99,9 @@ def item_outcome(item: dict[str, Any], strategies: Sequence[str], cfg: FilterCon
     for strategy in strategies:
         kept: list[str] = []
         for neg in json.loads(item[f"neg_{strategy}"]):
+            # Verifier work behind this negative (judge calls, cache hits): counted as stat.<name>.
+            for name, n in (neg.get("stats") or {}).items():
+                reasons += [f"stat.{name}"] * int(n)
             if "failed" in neg:
                 failures.append((strategy, neg["failed"]))
                 continue

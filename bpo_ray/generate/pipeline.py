@@ -29,13 +29,14 @@ from bpo_ray.generate.error_injection import ErrorInjector, error_injection_proc
 from bpo_ray.generate.image_loader import load_images
 from bpo_ray.generate.image_weakened import ImageWeakenedSampler
 from bpo_ray.generate.judge_ranked import JudgeRankedSampler
+from bpo_ray.generate.on_policy import OnPolicySampler, resolve_synonyms
 from bpo_ray.generate.pairs import build_outcomes
 from bpo_ray.generate.shards import ShardStore, total_counts
 from bpo_ray.generate.sources import ITEM_COLUMNS, assign_shards, read_source
 from bpo_ray.raycluster import worker_runtime_env
 from bpo_ray.schemas import Manifest, library_versions, write_manifest
 
-IMAGE_STRATEGIES = ("image_weakened", "judge_ranked")
+IMAGE_STRATEGIES = ("image_weakened", "judge_ranked", "on_policy")
 # Settings that may change between a run and its resume (they do not change what is generated).
 RUNTIME_ONLY = ("progress", "io_num_cpus")
 
@@ -64,9 +65,10 @@ def _plan(cfg: BPOConfig, source: str, images: Optional[str], files: list[str], 
     gen = cfg.generate.model_dump(mode="json")
     for key in RUNTIME_ONLY:
         gen.pop(key)
-    for section in ("sampler", "injector", "judge_ranked"):
+    for section in ("sampler", "injector", "judge_ranked", "on_policy"):
         gen[section].pop("pool")
     gen["judge_ranked"].pop("judge_key_env")
+    gen["on_policy"]["verifier"].pop("judge_key_env")
     ids = "\n".join(f"{it['order']}:{it['item_id']}:{it['status']}" for it in items)
     return {"source": source, "images": images, "files": files,
             "models": {"mllm": cfg.models.mllm, "text_llm": cfg.models.text_llm, "dtype": cfg.models.dtype},
@@ -83,7 +85,7 @@ def generation_group_size(cfg: BPOConfig) -> int:
     """Items a model generates for in one batch: the smallest batch of the pools in use."""
     gen = cfg.generate
     pools = {"image_weakened": gen.sampler.pool, "judge_ranked": gen.judge_ranked.pool,
-             "error_injection": gen.injector.pool}
+             "error_injection": gen.injector.pool, "on_policy": gen.on_policy.pool}
     return min(pool.batch_size for name, pool in pools.items() if name in gen.strategies)
 
 
@@ -109,8 +111,10 @@ def group_blocks(items: list[dict[str, Any]], shard_size: int, group_size: int) 
     return blocks
 
 
-def build_dataset(items: list[dict[str, Any]], cfg: BPOConfig):
-    """The lazy Ray Data pipeline for ``items``; its rows are ``order, shard, outcome, result``."""
+def build_dataset(items: list[dict[str, Any]], cfg: BPOConfig, synonyms: Optional[dict[str, str]] = None):
+    """The lazy Ray Data pipeline for ``items``; its rows are ``order, shard, outcome, result``.
+
+    ``synonyms`` is the on-policy verifier's object vocabulary (read once on the driver)."""
     import ray
 
     gen, models = cfg.generate, cfg.models
@@ -124,13 +128,19 @@ def build_dataset(items: list[dict[str, Any]], cfg: BPOConfig):
     common = dict(dtype=models.dtype, device=models.device, cache_dir=models.cache_dir,
                   cpu_isa=cfg.numerics.cpu_isa)
     pools = {name: dict(pool_kwargs(pool), runtime_env=runtime_env) for name, pool in
-             (("sampler", gen.sampler.pool), ("judge", gen.judge_ranked.pool), ("injector", gen.injector.pool))}
+             (("sampler", gen.sampler.pool), ("judge", gen.judge_ranked.pool), ("injector", gen.injector.pool),
+              ("on_policy", gen.on_policy.pool))}
     for stage in image_stages:
         drop = stage == image_stages[-1]
         if stage == "image_weakened":
             ds = ds.map_batches(ImageWeakenedSampler, **pools["sampler"], fn_constructor_kwargs=dict(
                 model_uri=models.mllm, backend=gen.sampler.backend, noise=gen.sampler.noise.model_dump(),
                 sampling=gen.sampler.sampling.model_dump(), seed=gen.seed, engine_kwargs=gen.sampler.engine_kwargs,
+                drop_image_bytes=drop, **common))
+        elif stage == "on_policy":
+            ds = ds.map_batches(OnPolicySampler, **pools["on_policy"], fn_constructor_kwargs=dict(
+                model_uri=models.mllm, backend=gen.sampler.backend, on_policy=gen.on_policy.model_dump(),
+                synonyms=synonyms or {}, seed=gen.seed, engine_kwargs=gen.sampler.engine_kwargs,
                 drop_image_bytes=drop, **common))
         else:
             ds = ds.map_batches(JudgeRankedSampler, **pools["judge"], fn_constructor_kwargs=dict(
@@ -194,6 +204,14 @@ def run_generate(cfg: BPOConfig, source: str, out: str, images: Optional[str] = 
     gen = cfg.generate
     if "judge_ranked" in gen.strategies and not gen.judge_ranked.judge_url:
         raise ValueError("strategy judge_ranked needs generate.judge_ranked.judge_url (an OpenAI-compatible base URL)")
+    synonyms = None
+    if "on_policy" in gen.strategies:
+        ver = gen.on_policy.verifier
+        if ver.kind == "judge" and not ver.judge_url:
+            raise ValueError("strategy on_policy with verifier judge needs generate.on_policy.verifier.judge_url")
+        if gen.on_policy.adapter and not storage.exists(gen.on_policy.adapter):
+            raise ValueError(f"generate.on_policy.adapter {gen.on_policy.adapter!r} does not exist")
+        synonyms = resolve_synonyms(ver.synonyms, source)
     t0 = time.perf_counter()
     read = read_source(source, images, gen.max_text_chars, gen.max_items, gen.sample_items, gen.seed)
     n_shards = assign_shards(read.items, gen.shard_size)
@@ -209,7 +227,7 @@ def run_generate(cfg: BPOConfig, source: str, out: str, images: Optional[str] = 
         cfg = cfg.model_copy(update={"models": ensure_models(cfg.models, _models_needed(gen.strategies), cfg.name, "generate")})
         init_ray(cfg.ray)
         DataContext.get_current().enable_progress_bars = False
-        _consume(build_dataset(pending, cfg), store, pending, gen.progress)
+        _consume(build_dataset(pending, cfg, synonyms), store, pending, gen.progress)
     t_total = time.perf_counter() - t0
     counts = total_counts(store.markers(), expected_items=len(read.items))
     new_pairs = sum(m["pairs_written"] for m in store.markers() if m["shard"] not in done)

@@ -73,14 +73,14 @@ def _has_surrogates(value: Any) -> bool:
 
 #: The columns of an item row, in order (every pipeline stage passes them through).
 ITEM_COLUMNS = ("order", "shard", "item_id", "record_id", "turn", "source", "image_uri", "question", "answer",
-                "history", "llava_prompt", "status", "stage", "reason", "raw")
+                "history", "llava_prompt", "status", "stage", "reason", "raw", "objects")
 
 
 def _base_item(source: str, record_id: str, turn: int, raw: str = "") -> dict[str, Any]:
     return {
         "order": -1, "shard": -1, "item_id": f"{record_id}#{turn}", "record_id": record_id, "turn": turn,
         "source": source, "image_uri": "", "question": "", "answer": "", "history": "[]",
-        "llava_prompt": "", "status": "ok", "stage": "", "reason": "", "raw": raw,
+        "llava_prompt": "", "status": "ok", "stage": "", "reason": "", "raw": raw, "objects": "",
     }
 
 
@@ -213,6 +213,16 @@ def _turns(conversations: Any) -> tuple[Optional[list[tuple[str, str]]], Optiona
     return turns, None
 
 
+def record_objects(record: dict) -> str:
+    """The record's optional ``objects`` annotation (the bias world's scene objects) as a JSON list
+    of strings, or ``""`` when absent or not a list of strings (the on-policy annotations verifier
+    then falls back to an annotations file, or reports ``no_annotations``)."""
+    objs = record.get("objects")
+    if isinstance(objs, list) and all(isinstance(o, str) for o in objs):
+        return json.dumps(sorted(set(objs)))
+    return ""
+
+
 def explode_record(record: dict, source: str, images_root: Optional[str], max_text_chars: int,
                    record_id: str) -> list[dict[str, Any]]:
     """Items of one structurally valid record: one per human turn, each with its history.
@@ -256,7 +266,7 @@ def explode_record(record: dict, source: str, images_root: Optional[str], max_te
         else:
             answer = answer.strip()
             item.update(question=q, answer=answer, history=json.dumps(history),
-                        llava_prompt=build_prompt(q, history), raw="")
+                        llava_prompt=build_prompt(q, history), raw="", objects=record_objects(record))
             history = history + [(q, answer)]
         items.append(item)
         k += 1

@@ -42,11 +42,13 @@ def format_prompt(prompt: str) -> str:
     """The LLaVA-1.5 prompt text for a pair's ``prompt`` column.
 
     A full conversation prompt (it already ends in ``ASSISTANT:``) is used as is, with an
-    ``<image>`` placeholder added to the first turn if missing; a bare question is wrapped by
-    ``build_prompt`` (``USER: <image>\\n{question} ASSISTANT:``).
+    ``<image>`` placeholder added to the first turn if missing; so is one that ends in a partial
+    answer after its last ``ASSISTANT:`` (on-policy sentence-level pairs put the shared grounded
+    prefix there: SENTINEL's context-aware pairs, the prefix conditions both answers and is never
+    scored); a bare question is wrapped by ``build_prompt`` (``USER: <image>\\n{question} ASSISTANT:``).
     """
     text = prompt.strip()
-    if text.endswith("ASSISTANT:"):
+    if text.endswith("ASSISTANT:") or (text.startswith("USER:") and " ASSISTANT:" in text):
         if IMAGE_TOKEN not in text:
             text = text.replace("USER: ", f"USER: {IMAGE_TOKEN}\n", 1)
         return text
