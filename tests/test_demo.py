@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from bpo_ray.demo import SETTINGS_FILE, VARIANTS, DemoError, demo_benchmarks, evaluated, run_demo
+from bpo_ray.demo import OWN_PAIRS, SETTINGS_FILE, VARIANTS, DemoError, demo_benchmarks, evaluated, run_demo
 from bpo_ray.localcluster import LocalCluster, submit_and_wait
 
 
@@ -13,6 +13,7 @@ def _finished_run(out):
     """The files a finished demo leaves behind, one per stage."""
     done = [out / "models" / "base_model.json", out / "generate" / "manifest.json",
             out / "reference" / "manifest.json",
+            *[out / folder / "manifest.json" for folder in OWN_PAIRS.values()],
             *[out / "train" / v / "manifest.json" for v in VARIANTS]]
     for path in done:
         path.parent.mkdir(parents=True, exist_ok=True)
