@@ -11,10 +11,6 @@ from bpo_ray import numerics, storage
 from bpo_ray.config.shared import NumericsConfig, RayConfig
 from bpo_ray.progress import HF_BARS_ENV
 
-#: Non-secret storage settings forwarded to workers; credentials come from the nodes themselves.
-STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
-
-
 def worker_env(numerics_cfg: Optional[NumericsConfig] = None) -> dict[str, str]:
     """Environment of every Ray worker a stage starts: the driver's non-secret S3 settings
     (endpoint, region), the kernel pinning of ``numerics`` (``bpo_ray.numerics``) and no
@@ -23,7 +19,7 @@ def worker_env(numerics_cfg: Optional[NumericsConfig] = None) -> dict[str, str]:
     Credentials are never forwarded (a runtime_env is stored in the cluster's GCS and shown by
     the dashboard); workers get them from their node (instance profile / node environment).
     """
-    env = {k: os.environ[k] for k in STORAGE_ENV if os.environ.get(k)}
+    env = storage.worker_settings()
     env.update(numerics.env_vars((numerics_cfg or NumericsConfig()).cpu_isa))
     # a worker's output is a log, never a terminal: no "Loading weights" bars (bpo_ray.progress)
     env.setdefault(HF_BARS_ENV, os.environ.get(HF_BARS_ENV, "1"))

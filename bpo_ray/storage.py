@@ -23,6 +23,16 @@ class StorageError(IOError):
     """A read or write failed; the message names the URI."""
 
 
+#: Non-secret S3 settings a stage forwards to its Ray workers (``worker_settings``); credentials
+#: never travel: workers get them from their node (instance profile / node environment).
+WORKER_SETTINGS_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+
+
+def worker_settings() -> dict[str, str]:
+    """This process's non-secret S3 settings (endpoint, region), for every worker a stage starts."""
+    return {k: os.environ[k] for k in WORKER_SETTINGS_ENV if os.environ.get(k)}
+
+
 def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 

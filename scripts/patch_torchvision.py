@@ -3,7 +3,7 @@
 torchvision's C ops do not load beside torch +cpu, and ``_meta_registrations.py`` then fails at
 import on ``torch.library.register_fake("torchvision::nms")``. vLLM's LLaVA only needs
 torchvision's pure-Python transforms, so registration is skipped when the C ops are absent.
-See shared/notes/cpu-stack.md.
+The README's "Stacks" section says why.
 """
 
 from __future__ import annotations

@@ -90,7 +90,7 @@ class JudgeProxyServer:
         import uvicorn
 
         from bpo_ray.config.serve import JudgeProxyConfig
-        from bpo_ray.serving.judge_proxy import create_judge_app
+        from bpo_ray.serving.judge.proxy import create_judge_app
 
         cfg = JudgeProxyConfig(upstream_base_url=upstream, upstream_model="claim-judge", cache_path=cache_path,
                                client_tokens_env=tokens_env, upstream_key_env=upstream_key_env,

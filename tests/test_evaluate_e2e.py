@@ -191,8 +191,8 @@ def _items(model_dir: Path) -> list[dict]:
 
 
 def test_every_benchmark_through_model_and_judge(ray_cluster, servers, world, tmp_path):
-    from bpo_ray.eval.chair import score_chair
-    from bpo_ray.eval.pope import score_pope
+    from bpo_ray.metrics.chair import score_chair
+    from bpo_ray.metrics.pope import score_pope
     from bpo_ray.evaluate import evaluate, write_report
     from bpo_ray.evaluate.benchmarks.llava_bench import relative_scores
     from bpo_ray.evaluate.benchmarks.mmvet import capability_totals

@@ -24,7 +24,7 @@ from PIL import Image
 
 from bpo_ray import storage
 from bpo_ray.config import load_config
-from bpo_ray.eval.chair import ObjectMentionExtractor
+from bpo_ray.metrics.chair import ObjectMentionExtractor
 from bpo_ray.generate.sentences import apply_verdicts, sentence_objects
 from bpo_ray.generate.shards import ShardStore
 from bpo_ray.generate.sources import read_source
@@ -183,7 +183,7 @@ def test_response_pairs_with_judge_verifier_through_proxy_and_its_cache(ray_clus
         cfg = on_policy_cfg(tiny_models, letters, **{
             "generate.on_policy.pair_level": "response", "generate.on_policy.verifier.kind": "judge",
             "generate.on_policy.verifier.judge_url": proxy.url, "generate.on_policy.verifier.judge_model": "claim-judge",
-            "generate.on_policy.verifier.judge_key_env": KEY_ENV})
+            "generate.on_policy.verifier.judge_token_env": KEY_ENV})
         first = run_generate(cfg, source, str(tmp_path / "a"))
         calls = first.counts.by_reason.get("stat.judge_calls", 0)
         assert calls == len(judge.claims) > 0

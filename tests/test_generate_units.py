@@ -339,7 +339,8 @@ def test_every_generated_token_is_conditioned_on_the_noisy_image(tiny_models):
     """Teacher-forced logits of the generated answer under the *noisy* features reproduce
     generate's per-step logits at every step, and differ from those under the clean features at
     every step: the weakened image is in the conditioning of each token, not only the first."""
-    from bpo_ray.generate.backends import MLLMRunner, hf_generate_from_features
+    from bpo_ray.generate.backends import MLLMRunner
+    from bpo_ray.models.mllm import generate_from_features
     from bpo_ray.generate.image_weakened import weaken
     from bpo_ray.models.mllm import merge_image_features
     from bpo_ray.models.prompts import build_prompt
@@ -350,7 +351,7 @@ def test_every_generated_token_is_conditioned_on_the_noisy_image(tiny_models):
     enc = runner.encode([img], [build_prompt("Describe the image in detail.")])
     clean = runner.features(enc["pixel_values"])
     noisy = weaken(clean, ["item#0"], 500, base_seed=0, num_steps=1000)
-    out = hf_generate_from_features(model, enc["input_ids"], enc["attention_mask"], noisy,
+    out = generate_from_features(model, enc["input_ids"], enc["attention_mask"], noisy,
                                     SamplingConfig(max_new_tokens=12), tok.pad_token_id, eos_token_id=-1,
                                     output_logits=True)
     gen = out.sequences[0]
@@ -392,7 +393,7 @@ def test_judge_client_over_http(monkeypatch):
     monkeypatch.setenv("BPO_TEST_JUDGE_KEY", "sk-test-123")
     server = JudgeServer(expect_key="sk-test-123")
     try:
-        client = JudgeClient(server.url, "judge", key_env="BPO_TEST_JUDGE_KEY", max_retries=0)
+        client = JudgeClient(server.url, "judge", token_env="BPO_TEST_JUDGE_KEY", max_retries=0)
         scores = client.score("Is there a cup?", "Yes, there is a red cup.",
                               ["Yes, there is a red cup on the table.", "zz"], image_data_url="data:image/png;base64,AAAA")
         assert scores[0].total > scores[1].total

@@ -120,7 +120,7 @@ def test_objhal_adapter_scores_the_reference_numbers(tmp_path):
 
 
 def test_objhal_missing_inputs_are_clear_errors(tmp_path):
-    from bpo_ray.eval.wordnet import NounLemmatizer, WordNetMissing
+    from bpo_ray.metrics.wordnet import NounLemmatizer, WordNetMissing
 
     with pytest.raises(BenchmarkDataError, match="objhal needs"):
         objhal.load(ObjHalSettings(questions="q.jsonl"), None)
@@ -280,7 +280,7 @@ def test_amber_noun_extractor_wiring_tokens_tags_and_lemmas(monkeypatch):
     import sys
     import types
 
-    from bpo_ray.eval.amber import nltk_noun_extractor
+    from bpo_ray.metrics.amber import nltk_noun_extractor
 
     seen: list[list[str]] = []
     fake = types.ModuleType("nltk")

@@ -63,7 +63,7 @@ def test_objhal_and_amber_through_evaluate(ray_cluster, tmp_path):
     from PIL import Image
 
     from bpo_ray.config import load_config
-    from bpo_ray.eval.amber import score_discriminative
+    from bpo_ray.metrics.amber import score_discriminative
     from bpo_ray.evaluate import evaluate
 
     images = tmp_path / "images"

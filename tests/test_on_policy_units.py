@@ -10,7 +10,7 @@ import os
 import pytest
 from PIL import Image
 
-from bpo_ray.eval.chair import ObjectMentionExtractor
+from bpo_ray.metrics.chair import ObjectMentionExtractor
 from bpo_ray.generate.on_policy import (Sample, continuation_prompt, pick_continuation, repeats_sentence,
                                         response_pair, sentence_target, verify_text)
 from bpo_ray.generate.sentences import (SentenceVerdict, apply_verdicts, complete_sentences, first_hallucinated,
@@ -144,13 +144,13 @@ def proxy_and_judge(tmp_path, monkeypatch):
 
 def test_judge_verifier_through_the_proxy_verdicts_cache_and_counts(proxy_and_judge):
     proxy, judge, red, blue = proxy_and_judge
-    v = JudgeClaimVerifier(proxy.url, "claim-judge", key_env="BPO_TEST_ONPOLICY_KEY", max_retries=1)
+    v = JudgeClaimVerifier(proxy.url, "claim-judge", token_env="BPO_TEST_ONPOLICY_KEY", max_retries=1)
     assert v.verify(red, ["cup", "saucer", "fork"]) == {"cup": True, "saucer": False, "fork": True}
     assert v.verify(blue, ["dog", "cup"]) == {"dog": True, "cup": False}
     assert len(judge.claims) == 5 and v.stats["judge_calls"] == 5 and v.stats["judge_cache_hits"] == 0
     assert v.verify(red, ["cup"]) == {"cup": True} and v.stats["judge_local_hits"] == 1
     # a fresh verifier (another actor) asks again: the proxy answers from its cache
-    w = JudgeClaimVerifier(proxy.url, "claim-judge", key_env="BPO_TEST_ONPOLICY_KEY")
+    w = JudgeClaimVerifier(proxy.url, "claim-judge", token_env="BPO_TEST_ONPOLICY_KEY")
     assert w.verify(red, ["saucer", "fork"]) == {"saucer": False, "fork": True}
     assert w.stats["judge_calls"] == 2 and w.stats["judge_cache_hits"] == 2 and len(judge.claims) == 5
 
@@ -158,7 +158,7 @@ def test_judge_verifier_through_the_proxy_verdicts_cache_and_counts(proxy_and_ju
 def test_judge_verifier_unusable_reply_and_outage_are_retried_then_raise(proxy_and_judge):
     proxy, judge, red, _ = proxy_and_judge
     judge.mode = "garbage"
-    v = JudgeClaimVerifier(proxy.url, "claim-judge", key_env="BPO_TEST_ONPOLICY_KEY", max_retries=2, backoff_s=0)
+    v = JudgeClaimVerifier(proxy.url, "claim-judge", token_env="BPO_TEST_ONPOLICY_KEY", max_retries=2, backoff_s=0)
     with pytest.raises(VerifierError) as err:
         v.verify(red, ["knife"])
     assert err.value.reason == "judge_unusable_reply" and v.stats["judge_calls"] == 3 and v.stats["judge_retries"] == 2
@@ -167,7 +167,8 @@ def test_judge_verifier_unusable_reply_and_outage_are_retried_then_raise(proxy_a
         v.verify(red, ["mouse"])
     assert err.value.reason == "judge_unavailable"
     # a wrong token is an outage for the verifier too (401 from the proxy), never a verdict
-    bad = JudgeClaimVerifier(proxy.url, "claim-judge", key_env="BPO_TEST_ONPOLICY_NO_SUCH_KEY", max_retries=0)
+    os.environ["BPO_TEST_ONPOLICY_WRONG_TOKEN"] = "not-a-proxy-token"
+    bad = JudgeClaimVerifier(proxy.url, "claim-judge", token_env="BPO_TEST_ONPOLICY_WRONG_TOKEN", max_retries=0)
     judge.mode = "ok"
     with pytest.raises(VerifierError, match="judge_unavailable"):
         bad.verify(red, ["cup"])
@@ -244,7 +245,8 @@ def test_prefix_in_prompt_is_context_and_the_boundary_tokenises_as_generated(tin
     as is, scores only chosen / rejected tokens, and those are exactly the tokens of the answer
     continuing the prefix (the prompt's ids are a prefix of prompt + answer ids)."""
     from bpo_ray.models.loading import load_mllm
-    from bpo_ray.train.logprobs import encode_pair, format_prompt
+    from bpo_ray.models.prompts import pair_prompt as format_prompt
+    from bpo_ray.train.logprobs import encode_pair
 
     _, proc = load_mllm(tiny_models["mllm"], device="cpu")
     base = "USER: <image>\nDescribe the image. ASSISTANT:"

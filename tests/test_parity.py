@@ -13,13 +13,13 @@ from typing import Any
 
 import pytest
 
-from bpo_ray.eval.amber import score_discriminative, score_generative
-from bpo_ray.eval.chair import chair_report, score_caption
-from bpo_ray.eval.nltk_tokenize import word_tokenize
-from bpo_ray.eval.objhal import ObjHalExtractor, ObjHalReport, clean_answer, coco_objhal_truth, score_answer
-from bpo_ray.eval.pope import parse_pope_official, score_pope
-from bpo_ray.eval.rohrbach import RohrbachExtractor, pattern_singularize
-from bpo_ray.eval.wordnet import NounLemmatizer
+from bpo_ray.metrics.amber import score_discriminative, score_generative
+from bpo_ray.metrics.chair import chair_report, score_caption
+from bpo_ray.metrics.nltk_tokenize import word_tokenize
+from bpo_ray.metrics.objhal import ObjHalExtractor, ObjHalReport, clean_answer, coco_objhal_truth, score_answer
+from bpo_ray.metrics.pope import parse_pope_official, score_pope
+from bpo_ray.metrics.rohrbach import RohrbachExtractor, pattern_singularize
+from bpo_ray.metrics.wordnet import NounLemmatizer
 from bpo_ray.evaluate.benchmarks import pope
 from bpo_ray.evaluate.benchmarks.chair import coco_truth
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from bpo_ray.eval.chair import ObjectMentionExtractor, prior_typical_share, score_chair, synonyms_from_lines
-from bpo_ray.eval.rohrbach import RohrbachExtractor, rohrbach_synonyms, treebank_tokenize
-from bpo_ray.eval.pope import build_pope_probes, parse_answer, parse_yes_no, pope_metrics, score_pope
+from bpo_ray.metrics.chair import ObjectMentionExtractor, prior_typical_share, score_chair, synonyms_from_lines
+from bpo_ray.metrics.rohrbach import RohrbachExtractor, rohrbach_synonyms, treebank_tokenize
+from bpo_ray.metrics.pope import build_pope_probes, parse_answer, parse_yes_no, pope_metrics, score_pope
 from bpo_ray.world import vocab
 from bpo_ray.world.corpus import prior_typical_partner
 

@@ -291,7 +291,7 @@ def test_judge_answers_repeats_from_cache_without_upstream_call(stack):
 
 
 def test_judge_cache_persists_on_disk(stack):
-    from bpo_ray.serving.judge_cache import JudgeCache
+    from bpo_ray.serving.judge.cache import JudgeCache
 
     cache = JudgeCache(stack.cfg.serve.judge.cache_path)
     try:

@@ -9,10 +9,10 @@ from bpo_ray.models.prompts import build_prompt
 from bpo_ray.serving.backends.base import IncrementalDecoder, StopTrimmer, trim_at_stop
 from bpo_ray.serving.chat_input import conversation_from_messages, llava_prompt
 from bpo_ray.serving.errors import APIError
-from bpo_ray.serving.judge_auth import ClientAuth, parse_client_tokens
-from bpo_ray.serving.judge_cache import JudgeCache, cache_key, is_deterministic
-from bpo_ray.serving.judge_limits import SlidingWindowLimiter
-from bpo_ray.serving.judge_upstream import redact
+from bpo_ray.serving.judge.auth import ClientAuth, parse_client_tokens
+from bpo_ray.serving.judge.cache import JudgeCache, cache_key, is_deterministic
+from bpo_ray.serving.judge.limits import SlidingWindowLimiter
+from bpo_ray.serving.judge.upstream import redact
 from bpo_ray.serving.protocol import ChatMessage
 
 

@@ -16,11 +16,11 @@ from bpo_ray.train.logprobs import (
     PromptTooLong,
     collate_pairs,
     encode_pair,
-    format_prompt,
     forward_logps,
     sequence_logps,
     token_logps,
 )
+from bpo_ray.models.prompts import pair_prompt as format_prompt
 from bpo_ray.train.schedule import WarmupCosine
 from bpo_ray.train.losses import PreferenceLoss, dpo_with_sft, sft_loss
 from bpo_ray.train.zero import fill_deepspeed_config, load_deepspeed_template

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from bpo_ray.eval.chair import ObjectMentionExtractor, score_chair
-from bpo_ray.eval.pope import parse_pope_official, parse_yes_no
+from bpo_ray.metrics.chair import ObjectMentionExtractor, score_chair
+from bpo_ray.metrics.pope import parse_pope_official, parse_yes_no
 from bpo_ray.world import vocab
 from bpo_ray.world.build import SPLITS, build_world
 from bpo_ray.world.corpus import build_corpus, partner_cooccurrence, prior_typical_partner

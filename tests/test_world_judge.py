@@ -308,7 +308,7 @@ def test_proxy_in_front_of_the_annotator(small_world, tmp_path, monkeypatch):
 
     from bpo_ray.config.serve import JudgeProxyConfig
     from bpo_ray.images import to_data_url
-    from bpo_ray.serving.judge_proxy import create_judge_app
+    from bpo_ray.serving.judge.proxy import create_judge_app
     from bpo_ray.world.judge_server import SceneIndex, create_app
 
     index = SceneIndex(str(small_world))
@@ -384,7 +384,7 @@ def test_demo_starts_and_stops_the_annotator(small_world, tmp_path, monkeypatch)
     import httpx
 
     from bpo_ray import demo
-    from bpo_ray.serving.judge_auth import parse_client_tokens
+    from bpo_ray.serving.judge.auth import parse_client_tokens
 
     monkeypatch.delenv("BPO_JUDGE_TOKENS", raising=False)
     monkeypatch.setenv("BPO_JUDGE_TOKEN", "tok-user-given")

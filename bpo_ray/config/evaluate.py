@@ -126,7 +126,7 @@ class MMHalSettings(StrictModel):
 
 
 class ObjHalSettings(StrictModel):
-    """Object HalBench as RLHF-V / RLAIF-V score it (``bpo_ray.eval.objhal``); no bias-world source."""
+    """Object HalBench as RLHF-V / RLAIF-V score it (``bpo_ray.metrics.objhal``); no bias-world source."""
 
     questions: Optional[str] = Field(None, description="obj_halbench_300_with_image.jsonl ({image_id, question, image (base64) | image_path})")
     instances: Optional[str] = Field(None, description="COCO instances_val2014.json")
@@ -139,7 +139,7 @@ class ObjHalSettings(StrictModel):
 
 
 class AmberSettings(StrictModel):
-    """AMBER (``bpo_ray.eval.amber``): discriminative yes/no and generative descriptions."""
+    """AMBER (``bpo_ray.metrics.amber``): discriminative yes/no and generative descriptions."""
 
     annotations: Optional[str] = Field(None, description="AMBER data/annotations.json")
     queries: Optional[str] = Field(None, description="a data/query/query_*.json file ({id, image, query})")

@@ -72,7 +72,7 @@ class InjectionSamplingConfig(SamplingConfig):
 
 
 class JudgeSamplingConfig(SamplingConfig):
-    """Judge-ranked sampling: seed 002 samples its N completions at temperature 0.7."""
+    """Judge-ranked sampling: Li et al. 2024 samples its N completions at temperature 0.7."""
 
     temperature: float = Field(0.7, ge=0)
 
@@ -97,11 +97,12 @@ class InjectorConfig(StrictModel):
 
 
 class JudgeRankedConfig(StrictModel):
-    """Seed 002's judge-ranked pairs: N samples, judge scores, best vs a clearly worse one."""
+    """Li et al. 2024's judge-ranked pairs: N samples, judge scores, best vs a clearly worse one."""
 
     judge_url: Optional[str] = Field(None, description="base URL of any OpenAI-compatible API")
     judge_model: str = "gpt-4"
-    judge_key_env: str = Field("OPENAI_API_KEY", description="env var holding the judge API key")
+    judge_token_env: str = Field("BPO_JUDGE_TOKEN", description="env var holding this client's judge-proxy token "
+                                 "(never the upstream key, which stays with the proxy)")
     num_samples: int = Field(4, ge=2)
     min_score_gap: float = Field(2.0, ge=0)
     sampling: JudgeSamplingConfig = JudgeSamplingConfig()
@@ -144,7 +145,8 @@ class VerifierConfig(StrictModel):
     annotations_format: Literal["coco", "visual_genome"] = "coco"
     judge_url: Optional[str] = Field(None, description="OpenAI-compatible base URL (e.g. the judge proxy)")
     judge_model: str = "gpt-4"
-    judge_key_env: str = Field("OPENAI_API_KEY", description="env var holding the judge API key")
+    judge_token_env: str = Field("BPO_JUDGE_TOKEN", description="env var holding this client's judge-proxy token "
+                                 "(never the upstream key, which stays with the proxy)")
     timeout_s: float = Field(60.0, gt=0)
     max_retries: int = Field(3, ge=0, description="retries of an unusable reply or outage before quarantine")
     detector: DetectorConfig = DetectorConfig()

@@ -1,7 +1,7 @@
 """Talking to the judge: request/parse protocols per benchmark and the OpenAI-compatible client.
 
 The judge is whatever sits behind the judge proxy's ``/judge/v1`` (GPT-4 in the paper, any
-OpenAI-compatible upstream otherwise), reached with ``bpo_ray.serving.judge_client``. The bearer
+OpenAI-compatible upstream otherwise), reached with ``bpo_ray.serving.judge.client``. The bearer
 token comes from the environment only (``BPO_JUDGE_TOKEN``); it travels to the Ray actors wrapped
 in ``Secret`` so no repr, log line or exception message can print it.
 """
@@ -12,7 +12,6 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
-JUDGE_TOKEN_ENV = "BPO_JUDGE_TOKEN"
 MODEL_TOKEN_ENV = "BPO_MODEL_TOKEN"
 
 
@@ -65,8 +64,9 @@ class JudgeProtocol:
     name: str = field(default="")
 
 
-def openai_client(base_url: str, token: Secret, timeout_s: float, max_retries: int):
-    """The official ``openai`` client pointed at an OpenAI-compatible server."""
+def model_client(base_url: str, token: Secret, timeout_s: float, max_retries: int):
+    """The official ``openai`` client for the served model under evaluation (the judge is reached
+    with the project's one judge client, ``bpo_ray.serving.judge.client``)."""
     from openai import OpenAI
 
     return OpenAI(base_url=base_url.rstrip("/"), api_key=token.get() or "EMPTY",

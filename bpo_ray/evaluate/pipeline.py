@@ -13,7 +13,7 @@ from bpo_ray import storage
 from bpo_ray.config import BPOConfig
 from bpo_ray.evaluate.benchmarks import amber, chair, llava_bench, mmhal, mmvet, objhal, pope
 from bpo_ray.evaluate.items import LoadedBenchmark
-from bpo_ray.evaluate.judge import MODEL_TOKEN_ENV, JudgeProtocol, Secret, error_reason, openai_client, secret_from_env
+from bpo_ray.evaluate.judge import MODEL_TOKEN_ENV, JudgeProtocol, Secret, error_reason, model_client, secret_from_env
 from bpo_ray.evaluate.runner import EndpointSpec, run_rows
 from bpo_ray.progress import progress as report_progress
 
@@ -87,7 +87,7 @@ def judge_protocols(cfg: BPOConfig) -> dict[str, JudgeProtocol]:
 def judge_token() -> Secret:
     """The judge proxy token from the environment (``BPO_JUDGE_TOKEN``; on one machine the first of
     the proxy's own ``BPO_JUDGE_TOKENS``), or a clear ``EvaluateError``."""
-    from bpo_ray.serving.judge_client import client_token
+    from bpo_ray.serving.judge.client import client_token
 
     try:
         return Secret(client_token())
@@ -131,7 +131,7 @@ def max_tokens_for(name: str, cfg: BPOConfig) -> int:
 
 def check_model_served(model_url: str, model_name: str, timeout_s: float = 30.0) -> list[str]:
     """Names the endpoint serves; raises ``EvaluateError`` when it is unreachable or lacks the model."""
-    client = openai_client(model_url, secret_from_env(MODEL_TOKEN_ENV), timeout_s, max_retries=2)
+    client = model_client(model_url, secret_from_env(MODEL_TOKEN_ENV), timeout_s, max_retries=2)
     try:
         served = [m.id for m in client.models.list()]
     except Exception as exc:
@@ -192,7 +192,7 @@ def evaluate(
     per-item score details) and ``<out>/<model>/metrics.json`` (what this returns) when ``out`` is
     given. Returns ``{"model", "benchmarks": {name: metrics}, "counts", "failures", "timings", ...}``.
     """
-    from bpo_ray.raycluster import init_ray
+    from bpo_ray.raycluster import init_ray, worker_runtime_env
     from bpo_ray.schemas import library_versions
 
     ecfg = cfg.evaluate
@@ -221,7 +221,7 @@ def evaluate(
     run_started = time.perf_counter()
     answered: dict[str, dict[str, Any]] = {}
     with _quiet_ray_data_progress():
-        stream = run_rows(rows, model_spec, judge_spec, protocols)
+        stream = run_rows(rows, model_spec, judge_spec, protocols, runtime_env=worker_runtime_env(cfg.numerics))
         for row in report_progress(stream, total=len(rows), desc=f"evaluate {model_name}", disable=not progress, unit="item"):
             answered[row["id"]] = row
     run_s = time.perf_counter() - run_started

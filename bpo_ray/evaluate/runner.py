@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
-from bpo_ray.evaluate.judge import JudgeProtocol, Secret, error_reason, openai_client
+from bpo_ray.evaluate.judge import JudgeProtocol, Secret, error_reason, model_client
 
 ANSWER_FIELDS = {"answer": "", "error": "", "latency_s": 0.0}
 JUDGE_FIELDS = {"judge_output": "", "judge_value": "", "judge_error": "", "judge_attempts": 0}
@@ -154,10 +154,10 @@ class BenchmarkItemRunner:
     def __init__(self, model: EndpointSpec, judge: Optional[EndpointSpec] = None,
                  protocols: Optional[Mapping[str, JudgeProtocol]] = None, max_image_bytes: int = 20 * 1024 * 1024):
         self.model, self.judge, self.protocols = model, judge, dict(protocols or {})
-        self.model_client = openai_client(model.base_url, model.token, model.timeout_s, model.max_retries)
+        self.model_client = model_client(model.base_url, model.token, model.timeout_s, model.max_retries)
         self.judge_client = None
         if judge is not None:
-            from bpo_ray.serving.judge_client import judge_client
+            from bpo_ray.serving.judge.client import judge_client
 
             self.judge_client = judge_client(judge.base_url, token=judge.token.get(), timeout_s=judge.timeout_s,
                                              max_retries=judge.max_retries)
@@ -181,8 +181,10 @@ def run_rows(
     model: EndpointSpec,
     judge: Optional[EndpointSpec] = None,
     protocols: Optional[Mapping[str, JudgeProtocol]] = None,
+    runtime_env: Optional[dict[str, Any]] = None,
 ) -> Iterator[dict[str, Any]]:
-    """Stream answered (and judged) rows back to the driver, in completion order."""
+    """Stream answered (and judged) rows back to the driver, in completion order. ``runtime_env``:
+    the stage's worker environment (``raycluster.worker_runtime_env``: S3 settings, pinning)."""
     import ray.data
     from ray.data import ActorPoolStrategy
 
@@ -195,5 +197,5 @@ def run_rows(
     ds = ds.map_batches(
         BenchmarkItemRunner, fn_constructor_kwargs={"model": model, "judge": judge, "protocols": protocols},
         batch_format="pandas", batch_size=model.threads_per_actor, num_cpus=model.actor_num_cpus,
-        compute=ActorPoolStrategy(min_size=1, max_size=model.actors))
+        compute=ActorPoolStrategy(min_size=1, max_size=model.actors), runtime_env=runtime_env)
     return ds.iter_rows()

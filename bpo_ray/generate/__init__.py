@@ -3,7 +3,7 @@
 Modules, one job each: ``sources`` (records -> items, quarantine reasons), ``image_loader``
 (image validation stage), ``backends`` (MLLM generation from embeddings: transformers or vLLM),
 ``image_weakened`` (noised-embedding sampler), ``error_injection`` (Table 1 prompt on the text
-LLM), ``judge_ranked`` (seed 002's judge-scored pairs), ``pairs`` (filters, pair rows, outcomes),
+LLM), ``judge_ranked`` (Li et al. 2024's judge-scored pairs), ``pairs`` (filters, pair rows, outcomes),
 ``shards`` (resumable atomic output), ``pipeline`` (the Ray Data job), ``cli``.
 """
 

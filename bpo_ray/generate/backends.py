@@ -11,7 +11,6 @@ token ids give byte-equal texts.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -19,7 +18,7 @@ import torch
 from PIL import Image
 
 from bpo_ray.config.generate import SamplingConfig
-from bpo_ray.models.mllm import encode_prompts, image_features, merge_image_features
+from bpo_ray.models.mllm import encode_prompts, generate_from_features, image_features
 
 
 @dataclass(frozen=True)
@@ -51,27 +50,6 @@ def batch_seed(seeds: Sequence[int]) -> int:
 
 
 @torch.no_grad()
-def hf_generate_from_features(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                              features: torch.Tensor, sampling: SamplingConfig, pad_token_id: int,
-                              eos_token_id: int, seed: Optional[int] = None, output_logits: bool = False):
-    """``model.generate`` from prompt embeddings whose ``<image>`` slots hold ``features``.
-
-    Returns the generate output (``sequences`` hold only new tokens; ``logits`` per step when
-    ``output_logits``).
-    """
-    embeds = merge_image_features(model, input_ids, features)
-    kwargs: dict[str, Any] = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=pad_token_id,
-                                  eos_token_id=eos_token_id, return_dict_in_generate=True,
-                                  output_logits=output_logits)
-    if sampling.temperature > 0:
-        kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=None)
-    else:
-        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    if seed is not None:
-        torch.manual_seed(seed)
-    return model.generate(inputs_embeds=embeds, attention_mask=attention_mask.to(model.device), **kwargs)
-
-
 class MLLMRunner:
     """Vision features + generation from (possibly weakened) features, on either backend."""
 
@@ -124,7 +102,7 @@ class MLLMRunner:
         """
         if self.backend == "vllm":
             return self._generate_vllm(prompts, features, sampling, seeds)
-        out = hf_generate_from_features(
+        out = generate_from_features(
             self.model, encoded["input_ids"], encoded["attention_mask"], features, sampling,
             pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
             seed=batch_seed(seeds) if sampling.temperature > 0 else None)
@@ -153,7 +131,7 @@ def cpu_engine_defaults() -> dict[str, Any]:
 
 
 def worker_env_defaults() -> None:
-    """Environment for vLLM inside a Ray actor on CPU-only hosts (engine in-process, small KV cache)."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    """Environment for vLLM inside a generate actor (``bpo_ray.models.vllm_engine`` owns the values)."""
+    from bpo_ray.models.vllm_engine import cpu_worker_env_defaults
+
+    cpu_worker_env_defaults()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import re
 from typing import Any, Optional, Sequence
 
@@ -25,6 +24,7 @@ from bpo_ray import numerics
 from bpo_ray.config.generate import PoolConfig, SamplingConfig
 from bpo_ray.generate.backends import batch_seed, cpu_engine_defaults, trim_ids
 from bpo_ray.generate.rows import ok_indices, rows_by_group, sampling_record, with_column
+from bpo_ray.models.vllm_engine import cpu_kv_cache_env
 from bpo_ray.generate.seeds import sampling_seed
 from bpo_ray.models.prompts import text_prompt
 
@@ -137,13 +137,6 @@ class ErrorInjector:
         return [self.tokenizer.decode(list(trim_ids(row.tolist(), eos, pad)), skip_special_tokens=True) for row in out]
 
 
-def _cpu_runtime_env() -> Optional[dict[str, Any]]:
-    """On CPU-only hosts the engine actor needs a KV-cache size (vLLM's default reserves most RAM)."""
-    if torch.cuda.is_available():
-        return None
-    return {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}}
-
-
 def _merge_env(*envs: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
     merged: dict[str, str] = {}
     for env in envs:
@@ -217,7 +210,7 @@ def error_injection_processor(model_uri: str, model_path: str, sampling: Samplin
         tokenize_stage={"enabled": False},
         detokenize_stage={"enabled": False},
         log_engine_metrics=False,
-        runtime_env=_merge_env(runtime_env, _cpu_runtime_env()),
+        runtime_env=_merge_env(runtime_env, cpu_kv_cache_env()),
     )
     return build_processor(config, preprocess=preprocess, postprocess=postprocess,
                            preprocess_map_kwargs={"num_cpus": io_num_cpus},

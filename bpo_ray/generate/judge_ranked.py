@@ -1,7 +1,7 @@
-"""Judge-ranked pairs (seed 002, section 3.1-3.2): sample N answers, have a judge score them,
+"""Judge-ranked pairs (Li et al. 2024, section 3.1-3.2): sample N answers, have a judge score them,
 pair the best with a clearly worse one.
 
-Following seed 002: N completions per prompt are sampled from the MLLM (temperature 0.7); a judge
+Following Li et al. 2024: N completions per prompt are sampled from the MLLM (temperature 0.7); a judge
 rates each for helpfulness, correctness and coherence (HelpSteer's 0-4 scale); the aggregate is
 their sum; the preferred answer is the top-scoring one and the rejected one is drawn at random
 among those at least ``min_score_gap`` points lower. The judge is any OpenAI-compatible
@@ -11,7 +11,6 @@ endpoint (the project's judge proxy, vLLM, OpenAI); its key comes from the envir
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +25,7 @@ from bpo_ray.generate.backends import MLLMRunner, worker_env_defaults
 from bpo_ray.generate.rows import decode_rows_images, ok_indices, rows_by_group, sampling_record, with_column
 from bpo_ray.generate.seeds import derive_seed, sampling_seed
 from bpo_ray.images import to_data_url
+from bpo_ray.serving.judge.client import CLIENT_TOKEN_ENV, judge_client
 
 STRATEGY = "judge_ranked"
 COLUMN = f"neg_{STRATEGY}"
@@ -70,7 +70,7 @@ class JudgeScore:
 
     @property
     def total(self) -> float:
-        """Seed 002's aggregate: the sum of helpfulness, correctness and coherence."""
+        """Li et al. 2024's aggregate: the sum of helpfulness, correctness and coherence."""
         return self.helpfulness + self.correctness + self.coherence
 
 
@@ -126,15 +126,12 @@ def choose_pair(totals: Sequence[float], min_gap: float, seed: int) -> Optional[
 
 
 class JudgeClient:
-    """Scores answers through any OpenAI-compatible chat endpoint (``openai`` client)."""
+    """Scores answers through the judge proxy (or any OpenAI-compatible endpoint), with the
+    project's one judge client: the proxy's own token from ``$token_env``, never the upstream key."""
 
-    def __init__(self, base_url: str, model: str, key_env: str = "OPENAI_API_KEY",
+    def __init__(self, base_url: str, model: str, token_env: str = CLIENT_TOKEN_ENV,
                  timeout_s: float = 60.0, max_retries: int = 3):
-        from openai import OpenAI
-
-        # The key is read from the environment here and never logged; local judges accept any.
-        self.client = OpenAI(base_url=base_url, api_key=os.environ.get(key_env) or "EMPTY",
-                             timeout=timeout_s, max_retries=max_retries)
+        self.client = judge_client(base_url, token_env=token_env, timeout_s=timeout_s, max_retries=max_retries)
         self.model = model
 
     def score(self, question: str, reference: str, responses: Sequence[str],
@@ -168,7 +165,7 @@ class JudgeRankedSampler:
         self.drop = ("image_bytes",) if drop_image_bytes else ()
         self.runner = MLLMRunner(model_uri, backend=backend, dtype=dtype, device=device,
                                  cache_dir=cache_dir, engine_kwargs=engine_kwargs)
-        self.judge = JudgeClient(self.cfg.judge_url, self.cfg.judge_model, self.cfg.judge_key_env,
+        self.judge = JudgeClient(self.cfg.judge_url, self.cfg.judge_model, self.cfg.judge_token_env,
                                  self.cfg.timeout_s, self.cfg.max_retries)
         self.provenance = sampling_record(backend, self.sampling, judge_model=self.cfg.judge_model,
                                           num_samples=self.cfg.num_samples, min_score_gap=self.cfg.min_score_gap)

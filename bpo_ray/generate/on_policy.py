@@ -34,7 +34,7 @@ import numpy as np
 
 from bpo_ray import numerics
 from bpo_ray.config.generate import OnPolicyConfig, SamplingConfig
-from bpo_ray.eval.chair import MentionExtractor, ObjectMentionExtractor
+from bpo_ray.metrics.chair import MentionExtractor, ObjectMentionExtractor
 from bpo_ray.generate.backends import MLLMRunner, worker_env_defaults
 from bpo_ray.generate.pairs import normalise
 from bpo_ray.generate.rows import decode_rows_images, ok_indices, rows_by_group, sampling_record, with_column
@@ -42,6 +42,7 @@ from bpo_ray.generate.seeds import sampling_seed
 from bpo_ray.generate.sentences import (SentenceVerdict, apply_verdicts, first_hallucinated, is_grounded_answer,
                                         join_sentences, sentence_objects)
 from bpo_ray.generate.verifiers import ObjectVerifier, VerifierError, VerifyItem, load_annotations, make_verifier
+from bpo_ray.models.prompts import continuation_prompt
 
 STRATEGY = "on_policy"
 COLUMN = f"neg_{STRATEGY}"
@@ -95,11 +96,6 @@ def sentence_target(samples: Sequence[Sample]) -> Optional[tuple[int, int]]:
         if cut is not None:
             return k, cut
     return None
-
-
-def continuation_prompt(prompt: str, prefix: str) -> str:
-    """``prompt`` (ending in ``ASSISTANT:``) continued by the shared grounded prefix."""
-    return f"{prompt} {prefix}" if prefix else prompt
 
 
 def repeats_sentence(sentences: Sequence[str], context: Sequence[str] = ()) -> bool:

@@ -67,8 +67,8 @@ def _plan(cfg: BPOConfig, source: str, images: Optional[str], files: list[str], 
         gen.pop(key)
     for section in ("sampler", "injector", "judge_ranked", "on_policy"):
         gen[section].pop("pool")
-    gen["judge_ranked"].pop("judge_key_env")
-    gen["on_policy"]["verifier"].pop("judge_key_env")
+    gen["judge_ranked"].pop("judge_token_env")
+    gen["on_policy"]["verifier"].pop("judge_token_env")
     ids = "\n".join(f"{it['order']}:{it['item_id']}:{it['status']}" for it in items)
     return {"source": source, "images": images, "files": files,
             "models": {"mllm": cfg.models.mllm, "text_llm": cfg.models.text_llm, "dtype": cfg.models.dtype},

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
-from bpo_ray.eval.chair import MentionExtractor
+from bpo_ray.metrics.chair import MentionExtractor
 
 # A sentence ends at . ! ? (possibly repeated) followed by whitespace or the end of the text.
 _SENTENCE = re.compile(r"[^.!?]*(?:[.!?]+|$)")

@@ -4,7 +4,7 @@ One small interface (``ObjectVerifier.verify(item, objects) -> {object: present}
 
 - ``AnnotationVerifier``: the item's object annotations (the bias world's ``objects`` field, or a
   COCO instances / Visual Genome objects JSON keyed by image), matched through the same synonym
-  table as CHAIR (``bpo_ray.eval.chair.ObjectMentionExtractor``), as CHAIR itself decides.
+  table as CHAIR (``bpo_ray.metrics.chair.ObjectMentionExtractor``), as CHAIR itself decides.
 - ``JudgeClaimVerifier``: RLAIF-V's divide and conquer (Yu et al., CVPR 2025, section 3.1): one
   atomic yes/no claim per mentioned object (``CLAIM_TEMPLATE``) sent with the image to any
   OpenAI-compatible judge (the project's judge proxy caches every deterministic call).
@@ -19,7 +19,6 @@ that reason, never silently paired.
 from __future__ import annotations
 
 import json
-import os
 import re
 import threading
 import time
@@ -31,7 +30,7 @@ from typing import Any, Mapping, Optional, Protocol, Sequence
 from PIL import Image
 
 from bpo_ray import storage
-from bpo_ray.eval.chair import MentionExtractor, synonyms_from_lines
+from bpo_ray.metrics.chair import MentionExtractor, synonyms_from_lines
 
 CLAIM_TEMPLATE = "Is there {article} {obj} in the image? Answer yes or no."
 
@@ -190,13 +189,13 @@ class JudgeClaimVerifier:
 
     name = "judge"
 
-    def __init__(self, base_url: str, model: str, key_env: str = "OPENAI_API_KEY", timeout_s: float = 60.0,
+    def __init__(self, base_url: str, model: str, token_env: str = "BPO_JUDGE_TOKEN", timeout_s: float = 60.0,
                  max_retries: int = 3, backoff_s: float = 0.5):
-        from openai import OpenAI
+        from bpo_ray.serving.judge.client import judge_client
 
-        # The key is read from the environment here and never logged; local judges accept any.
-        self.client = OpenAI(base_url=base_url, api_key=os.environ.get(key_env) or "EMPTY",
-                             timeout=timeout_s, max_retries=0)
+        # The project's one judge client: the proxy's token from the environment, never logged;
+        # retries are this verifier's own (counted), not the client's.
+        self.client = judge_client(base_url, token_env=token_env, timeout_s=timeout_s, max_retries=0)
         self.model = model
         self.max_retries = max_retries
         self.backoff_s = backoff_s
@@ -324,7 +323,7 @@ def make_verifier(cfg, extractor: MentionExtractor, table: Optional[Mapping[str,
     if cfg.kind == "judge":
         if not cfg.judge_url:
             raise ValueError("generate.on_policy.verifier.judge_url is not set (an OpenAI-compatible base URL)")
-        return JudgeClaimVerifier(cfg.judge_url, cfg.judge_model, cfg.judge_key_env, cfg.timeout_s, cfg.max_retries)
+        return JudgeClaimVerifier(cfg.judge_url, cfg.judge_model, cfg.judge_token_env, cfg.timeout_s, cfg.max_retries)
     det = cfg.detector
     if det.kind == "scene_truth":
         return DetectorVerifier(SceneTruthDetector(AnnotationVerifier(extractor, table)))

@@ -9,7 +9,7 @@ conditioned on it (not only the first, as when noise is applied to pixels per st
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from PIL import Image
@@ -53,24 +53,29 @@ def merge_image_features(model, input_ids: torch.Tensor, features: torch.Tensor)
 
 
 @torch.no_grad()
-def generate_from_features(
-    model,
-    tokenizer,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    features: torch.Tensor,
-    sampling: Sampling = Sampling(),
-    seed: Optional[int] = None,
-) -> list[str]:
-    """Generate answers from prompts whose image slots hold ``features`` (clean or noised)."""
+def generate_from_features(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, features: torch.Tensor,
+                           sampling, pad_token_id: int, eos_token_id: int, seed: Optional[int] = None,
+                           output_logits: bool = False):
+    """``model.generate`` from prompt embeddings whose ``<image>`` slots hold ``features`` (clean or
+    noised: BPO's image-weakened prompting conditions every generated token on them).
+
+    ``sampling`` has ``max_new_tokens``, ``temperature`` (0 = greedy) and ``top_p`` (``Sampling``
+    or the generate config's ``SamplingConfig``). Returns the generate output: ``sequences`` hold
+    only the new tokens (``decode_answers``), ``logits`` per step when ``output_logits``.
+    """
     embeds = merge_image_features(model, input_ids, features)
-    kwargs = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                  eos_token_id=tokenizer.eos_token_id)
+    kwargs: dict[str, Any] = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=pad_token_id,
+                                  eos_token_id=eos_token_id, return_dict_in_generate=True,
+                                  output_logits=output_logits)
     if sampling.temperature > 0:
-        kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
+        kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=None)
     else:
-        kwargs.update(do_sample=False)
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     if seed is not None:
         torch.manual_seed(seed)
-    out = model.generate(inputs_embeds=embeds, attention_mask=attention_mask.to(model.device), **kwargs)
-    return [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
+    return model.generate(inputs_embeds=embeds, attention_mask=attention_mask.to(model.device), **kwargs)
+
+
+def decode_answers(tokenizer, out) -> list[str]:
+    """The answers of a ``generate_from_features`` output, stripped."""
+    return [t.strip() for t in tokenizer.batch_decode(out.sequences, skip_special_tokens=True)]

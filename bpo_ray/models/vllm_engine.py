@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -38,11 +38,35 @@ def _shield_proxy_modules() -> Iterator[None]:
         sys.modules.update(hidden)
 
 
+#: vLLM's settings for CPU-only hosts, in one place. Its default KV cache reserves most of the
+#: RAM; 1 GiB holds the tiny models' batches. An explicit setting in the environment always wins.
+CPU_KV_CACHE_GIB = "1"
+
+
+def cpu_kv_cache_env() -> Optional[dict[str, Any]]:
+    """The runtime env an engine actor needs on a CPU-only host (``None`` on GPU hosts)."""
+    if torch.cuda.is_available():
+        return None
+    return {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GIB)}}
+
+
+def in_process_engine_env() -> None:
+    """Step the engine in this process (an engine-core process would only add start-up time)."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
+def cpu_worker_env_defaults() -> None:
+    """Environment for vLLM inside a Ray actor on CPU-only hosts: in-process engine, small KV cache."""
+    if not torch.cuda.is_available():
+        in_process_engine_env()
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GIB)
+
+
 def engine_defaults() -> dict[str, Any]:
     """Engine arguments that differ between this CPU machine and GPU clusters."""
     if torch.cuda.is_available():
         return {"dtype": "bfloat16"}
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GIB)
     return {"dtype": "float32", "enforce_eager": True}
 
 

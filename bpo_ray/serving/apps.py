@@ -51,7 +51,7 @@ def model_application(cfg: BPOConfig, runtime_env: Optional[dict] = None):
 
 
 def judge_application(cfg: BPOConfig, runtime_env: Optional[dict] = None):
-    from bpo_ray.serving.judge_proxy import build_judge_application
+    from bpo_ray.serving.judge.proxy import build_judge_application
 
     return build_judge_application(cfg.serve.judge, runtime_env=runtime_env)
 

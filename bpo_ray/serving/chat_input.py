@@ -15,33 +15,13 @@ from typing import Optional, Sequence
 import numpy as np
 
 from bpo_ray import images as image_io
-from bpo_ray.models.prompts import IMAGE_TOKEN, build_prompt, strip_image_token
+from bpo_ray.models.prompts import build_prompt, strip_image_token
+from bpo_ray.serving.backends.base import ChatInput, SamplingSpec
 from bpo_ray.serving.errors import APIError
 from bpo_ray.serving.protocol import ChatCompletionRequest, ChatMessage
 
 MAX_STOP_SEQUENCES = 4
 MAX_CHARS_PER_TOKEN = 32
-
-
-@dataclass(frozen=True)
-class SamplingSpec:
-    max_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: Optional[int] = None
-    stop: tuple[str, ...] = ()
-
-
-@dataclass
-class ChatInput:
-    """A request the backends can run: prompt text, at most one RGB image, sampling settings."""
-
-    model: str                      # the served model name the client asked for
-    adapter: Optional[str]          # LoRA adapter name, None for the base model
-    prompt: str                     # LLaVA-1.5 prompt; holds one ``<image>`` iff ``image`` is set
-    image: Optional[np.ndarray]     # (H, W, 3) uint8
-    sampling: SamplingSpec
-    prompt_tokens: int              # image tokens included
 
 
 @dataclass(frozen=True)
@@ -103,8 +83,7 @@ def conversation_from_messages(messages: Sequence[ChatMessage]) -> Conversation:
 
 def llava_prompt(conv: Conversation, with_image: bool) -> str:
     """LLaVA-1.5 prompt; without an image the ``<image>`` placeholder line is left out."""
-    prompt = build_prompt(conv.question, conv.history)
-    return prompt if with_image else prompt.replace(f"USER: {IMAGE_TOKEN}\n", "USER: ", 1)
+    return build_prompt(conv.question, conv.history, with_image=with_image)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,8 @@ from ray import serve
 
 from bpo_ray.serving.backends import make_backend
 from bpo_ray.serving.backends.base import GenerationResult, TextDelta
-from bpo_ray.serving.chat_input import ChatInput, ChatValidator
+from bpo_ray.serving.backends.base import ChatInput
+from bpo_ray.serving.chat_input import ChatValidator
 from bpo_ray.serving.openai_app import create_openai_app
 
 

@@ -15,7 +15,8 @@ from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
 from bpo_ray.serving.backends.base import GenerationResult, TextDelta
-from bpo_ray.serving.chat_input import ChatInput, ChatValidator
+from bpo_ray.serving.backends.base import ChatInput
+from bpo_ray.serving.chat_input import ChatValidator
 from bpo_ray.serving.errors import APIError, error_body, error_response, install_error_handlers
 from bpo_ray.serving.protocol import (SSE_DONE, ChatCompletionRequest, chunk, completion_id, completion_response,
                                       models_list, sse_error, usage_dict)

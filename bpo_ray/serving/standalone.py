@@ -16,7 +16,8 @@ from fastapi import FastAPI
 
 from bpo_ray.config import BPOConfig
 from bpo_ray.serving.backends.base import GenerationBackend, GenerationResult, TextDelta
-from bpo_ray.serving.chat_input import ChatInput, ChatValidator
+from bpo_ray.serving.backends.base import ChatInput
+from bpo_ray.serving.chat_input import ChatValidator
 from bpo_ray.serving.openai_app import create_openai_app
 
 

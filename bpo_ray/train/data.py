@@ -27,7 +27,8 @@ from bpo_ray.config.train import ValidationConfig
 from bpo_ray.images import ImageError, load_image
 from bpo_ray.models.prompts import IMAGE_TOKEN
 from bpo_ray.schemas import PAIR_SCHEMA, SchemaError, read_parquet
-from bpo_ray.train.logprobs import EncodedPair, PromptTooLong, encode_pair, format_prompt
+from bpo_ray.models.prompts import pair_prompt
+from bpo_ray.train.logprobs import EncodedPair, PromptTooLong, encode_pair
 
 
 class PairsError(ValueError):
@@ -96,7 +97,7 @@ def prompt_token_counts(processor, table: pa.Table) -> list[int]:
     first_image, _ = load_image(table.column("image")[0].as_py())
     expanded = processor(images=[first_image], text=[IMAGE_TOKEN])["input_ids"][0]
     n_image = sum(1 for t in expanded if t == image_token_id)
-    texts = [format_prompt(p) for p in table.column("prompt").to_pylist()]
+    texts = [pair_prompt(p) for p in table.column("prompt").to_pylist()]
     return [len(ids) + (n_image - 1) * ids.count(image_token_id) for ids in processor.tokenizer(texts)["input_ids"]]
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bpo_ray.models.prompts import IMAGE_TOKEN, build_prompt
+from bpo_ray.models.prompts import pair_prompt
 
 
 class PromptTooLong(ValueError):
@@ -38,23 +38,6 @@ class EncodedPair:
     pixel_values: torch.Tensor  # (1, channels, height, width)
 
 
-def format_prompt(prompt: str) -> str:
-    """The LLaVA-1.5 prompt text for a pair's ``prompt`` column.
-
-    A full conversation prompt (it already ends in ``ASSISTANT:``) is used as is, with an
-    ``<image>`` placeholder added to the first turn if missing; so is one that ends in a partial
-    answer after its last ``ASSISTANT:`` (on-policy sentence-level pairs put the shared grounded
-    prefix there: SENTINEL's context-aware pairs, the prefix conditions both answers and is never
-    scored); a bare question is wrapped by ``build_prompt`` (``USER: <image>\\n{question} ASSISTANT:``).
-    """
-    text = prompt.strip()
-    if text.endswith("ASSISTANT:") or (text.startswith("USER:") and " ASSISTANT:" in text):
-        if IMAGE_TOKEN not in text:
-            text = text.replace("USER: ", f"USER: {IMAGE_TOKEN}\n", 1)
-        return text
-    return build_prompt(text)
-
-
 def answer_ids(full: list[int], prompt: list[int], tokenizer, answer: str) -> list[int]:
     """The answer's token ids after ``prompt`` in ``full`` (prompt + answer tokenized together), plus EOS."""
     # Tokenising prompt+answer together gives the ids the model sees at inference; fall back to
@@ -68,7 +51,7 @@ def answer_ids(full: list[int], prompt: list[int], tokenizer, answer: str) -> li
 
 def encode_pair(processor, image: Image.Image, prompt: str, chosen: str, rejected: str, max_length: int) -> EncodedPair:
     """Tokenise one pair; answers are cut at the end so ``len(prompt) + len(answer) <= max_length``."""
-    text = format_prompt(prompt)
+    text = pair_prompt(prompt)
     texts = [text, f"{text} {chosen.strip()}", f"{text} {rejected.strip()}"]
     enc = processor(images=[image] * 3, text=texts, padding=False)
     prompt_ids, full_chosen, full_rejected = (list(ids) for ids in enc["input_ids"])
@@ -127,7 +110,7 @@ def token_logps(logits: torch.Tensor, input_ids: torch.Tensor, answer_mask: torc
 
 
 def sequence_logps(logps: torch.Tensor, mask: torch.Tensor, average: bool = False) -> torch.Tensor:
-    """Sum (or, with ``average``, mean; seed 002) of the answer-token log-probs, shape ``(rows,)``."""
+    """Sum (or, with ``average``, mean; Li et al. 2024) of the answer-token log-probs, shape ``(rows,)``."""
     total = logps.sum(-1)
     return total / mask.sum(-1).clamp(min=1) if average else total
 

@@ -1,7 +1,7 @@
 """Preference losses on sequence log-probabilities: DPO (BPO paper Eq. 4), cDPO, IPO, hinge; SFT.
 
 Every preference loss here is a function of the same four per-pair numbers, the summed (or, with
-``average_logp``, averaged; seed 002) answer-token log-probabilities of the chosen and rejected
+``average_logp``, averaged; Li et al. 2024) answer-token log-probabilities of the chosen and rejected
 answers under the policy and under the reference model. With
 
     h = (log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))

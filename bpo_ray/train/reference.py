@@ -1,7 +1,7 @@
 """The reference pass: a Ray Data job that adds ``ref_chosen_logp``/``ref_rejected_logp`` to every
 pair, computed by the base model exactly as training computes the policy's log-probs (same
 prompt format, answer-token mask, truncation, sum or average). Training on its output skips the
-reference forward pass entirely (seed 002 precomputes them the same way); TRL refuses this for
+reference forward pass entirely (Li et al. 2024 precomputes them the same way); TRL refuses this for
 vision datasets.
 
 Pairs whose prompt leaves no room for an answer within ``train.max_length`` keep null reference

@@ -6,10 +6,10 @@ processor) and each completion separately, all with ``add_special_tokens=False``
 them. Fed the pairs' columns as they are, that sequence has no BOS, no space after ``ASSISTANT:``
 and no EOS, and the ``image`` column (a path string) is decoded by transformers through
 torchvision, which the CPU stack cannot load. bpo-ray's sequence (``train.logprobs.encode_pair``)
-is ``<s>`` + the LLaVA-1.5 prompt (``format_prompt``) + `` answer`` + ``</s>``.
+is ``<s>`` + the LLaVA-1.5 prompt (``pair_prompt``) + `` answer`` + ``</s>``.
 
 ``to_trl_dataset`` writes what the collator needs to rebuild exactly that: ``prompt`` =
-BOS + ``format_prompt(prompt)``, ``chosen``/``rejected`` = `` `` + answer + EOS, and ``image`` as a
+BOS + ``pair_prompt(prompt)``, ``chosen``/``rejected`` = `` `` + answer + EOS, and ``image`` as a
 ``datasets.Image(mode="RGB")`` column holding the image bytes (decoded by PIL, like
 ``bpo_ray.images``). Every row is checked token for token against ``encode_pair``'s split on the
 tokenizer (the image placeholder is expanded identically on both sides); a row whose tokens would
@@ -30,7 +30,8 @@ from typing import Any, Optional
 
 from bpo_ray import storage
 from bpo_ray.config.train import TrainConfig
-from bpo_ray.train.logprobs import answer_ids, format_prompt
+from bpo_ray.models.prompts import pair_prompt
+from bpo_ray.train.logprobs import answer_ids
 
 #: The columns TRL's vision preference collator reads.
 TRL_COLUMNS = ("image", "prompt", "chosen", "rejected")
@@ -49,14 +50,14 @@ class TrlPairs:
 
 def trl_texts(tokenizer, prompt: str, chosen: str, rejected: str) -> dict[str, str]:
     """The ``prompt``/``chosen``/``rejected`` strings of one pair in TRL's format."""
-    return {"prompt": tokenizer.bos_token + format_prompt(prompt),
+    return {"prompt": tokenizer.bos_token + pair_prompt(prompt),
             "chosen": " " + chosen.strip() + tokenizer.eos_token,
             "rejected": " " + rejected.strip() + tokenizer.eos_token}
 
 
 def ours_ids(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
     """``(prompt_ids, answer_ids)`` as ``encode_pair`` forms them, before image expansion."""
-    text = format_prompt(prompt)
+    text = pair_prompt(prompt)
     prompt_ids = tokenizer(text)["input_ids"]
     full = tokenizer(f"{text} {answer.strip()}")["input_ids"]
     return list(prompt_ids), answer_ids(list(full), list(prompt_ids), tokenizer, answer)

@@ -109,7 +109,7 @@ ERROR_INJECTION_INSTRUCTION = (
     "You must modify the response by changing the original details, such as adding more objects or "
     "change the attributes of objects. Note that the modified responses should still be common in reality."
 )
-"""The head of the BPO paper's Table 1 prompt (seed 000), kept verbatim; its few-shot examples
+"""The head of the BPO paper's Table 1 prompt, kept verbatim; its few-shot examples
 follow in the generate stage's full prompt, and here the examples are bias-world ones."""
 
 ERROR_INJECTION_EXAMPLE = "Question: {question} Response: {response} Modified response: {modified}"

@@ -20,9 +20,9 @@ from typing import Any, Optional, Sequence
 import torch
 from PIL import Image
 
-from bpo_ray.eval.chair import ChairItem, prior_typical_share, score_chair
-from bpo_ray.eval.pope import build_pope_probes, score_pope
-from bpo_ray.models.mllm import Sampling, encode_prompts, generate_from_features, image_features
+from bpo_ray.metrics.chair import ChairItem, prior_typical_share, score_chair
+from bpo_ray.metrics.pope import build_pope_probes, score_pope
+from bpo_ray.models.mllm import Sampling, decode_answers, encode_prompts, generate_from_features, image_features
 from bpo_ray.models.prompts import build_prompt, strip_image_token
 from bpo_ray.noise import add_diffusion_noise
 from bpo_ray.progress import progress as report_progress
@@ -79,10 +79,10 @@ def answer_questions(
                 add_diffusion_noise(features[i : i + 1], noise_step, image_noise_seed(name, noise_seed))
                 for i, name in enumerate(names)
             ])
-        answers += generate_from_features(
-            model, processor.tokenizer, inputs["input_ids"], inputs["attention_mask"], features,
-            Sampling(max_new_tokens=max_new_tokens),
-        )
+        tok = processor.tokenizer
+        out = generate_from_features(model, inputs["input_ids"], inputs["attention_mask"], features,
+                                     Sampling(max_new_tokens=max_new_tokens), tok.pad_token_id, tok.eos_token_id)
+        answers += decode_answers(tok, out)
     return answers
 
 

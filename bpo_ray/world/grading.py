@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Mapping, Optional
 
-from bpo_ray.eval.chair import ObjectMentionExtractor, tokenize
-from bpo_ray.eval.pope import parse_yes_no
+from bpo_ray.metrics.chair import ObjectMentionExtractor, tokenize
+from bpo_ray.metrics.pope import parse_yes_no
 from bpo_ray.world import grammar, vocab
 
 #: kind -> (colour, positions): what the annotator knows about one scene.
@@ -276,6 +276,6 @@ def coherence(answer: str, qtype: str) -> int:
 
 
 def helpsteer_scores(grade: Grade, answer: str) -> dict[str, int]:
-    """Seed 002's three HelpSteer attributes, 0-4 each."""
+    """Li et al. 2024's three HelpSteer attributes, 0-4 each."""
     return {"helpfulness": int(4 * grade.coverage + 0.5), "correctness": int(4 * grade.correctness + 0.5),
             "coherence": coherence(answer, grade.qtype)}

@@ -3,7 +3,7 @@
     bpo-ray world judge --world runs/demo/world --port 8100
     bpo-ray serve --config tiny --set serve.judge.upstream_base_url=http://127.0.0.1:8100/v1
 
-The judge proxy (``bpo_ray.serving.judge_proxy``) forwards to it exactly as it would to GPT-4:
+The judge proxy (``bpo_ray.serving.judge.proxy``) forwards to it exactly as it would to GPT-4:
 ``POST /v1/chat/completions`` answers with a chat completion whose text is
 ``bpo_ray.world.annotator.answer_prompt``'s reply, ``GET /v1/models`` lists
 ``bias-world-annotator``. Images in a request (``image_url`` parts, ``data:`` URLs) are looked up

@@ -16,7 +16,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from bpo_ray import storage
 from bpo_ray.config.evaluate import AmberSettings
-from bpo_ray.eval.amber import NounExtractor, Similarity, nltk_noun_extractor, score_discriminative, score_generative
+from bpo_ray.metrics.amber import NounExtractor, Similarity, nltk_noun_extractor, score_discriminative, score_generative
 from bpo_ray.evaluate.items import EvalItem, LoadedBenchmark, row_meta
 from bpo_ray.evaluate.sources import BenchmarkDataError, read_json
 from bpo_ray.images import resolve_image_uri

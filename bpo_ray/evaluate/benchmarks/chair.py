@@ -1,4 +1,4 @@
-"""Object HalBench-style CHAIR: detailed descriptions scored with ``bpo_ray.eval.chair``.
+"""Object HalBench-style CHAIR: detailed descriptions scored with ``bpo_ray.metrics.chair``.
 
 CHAIR_s ("Resp") is the share of descriptions naming at least one object not in the image, CHAIR_i
 ("Obj") the share of hallucinated object mentions (Rohrbach et al. 2018; the BPO paper's Table 3
@@ -18,9 +18,9 @@ from typing import Any, Mapping, Optional, Sequence
 
 from bpo_ray import storage
 from bpo_ray.config.evaluate import ChairSettings
-from bpo_ray.eval.chair import (ChairItem, MentionExtractor, ObjectMentionExtractor, chair_report,
+from bpo_ray.metrics.chair import (ChairItem, MentionExtractor, ObjectMentionExtractor, chair_report,
                                  prior_typical_share, score_chair, synonyms_from_lines)
-from bpo_ray.eval.rohrbach import RohrbachExtractor
+from bpo_ray.metrics.rohrbach import RohrbachExtractor
 from bpo_ray.evaluate.items import EvalItem, LoadedBenchmark, row_meta
 from bpo_ray.evaluate.judge import JudgeProtocol, JudgeRequest
 from bpo_ray.evaluate.sources import BenchmarkDataError, first_human_turn, load_world_split, read_json

@@ -3,7 +3,7 @@
 Questions: RLHF-V's ``eval/data/obj_halbench_300_with_image.jsonl`` (the fixed 300 COCO val2014
 images with detailed-description prompts; JSON Lines ``{"image_id", "question", "image"}`` with
 the image as base64, or ``"image_path"``), COCO ``instances``/``captions`` val2014 for the truth,
-RLAIF-V's ``synonyms_refine.txt`` and a WordNet 3.0 database. Scores: ``bpo_ray.eval.objhal``
+RLAIF-V's ``synonyms_refine.txt`` and a WordNet 3.0 database. Scores: ``bpo_ray.metrics.objhal``
 (CHAIRs_refine is the "Resp." papers print, CHAIRi the "Ment.").
 """
 
@@ -17,8 +17,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 from bpo_ray import storage
 from bpo_ray.config.evaluate import ObjHalSettings
-from bpo_ray.eval.objhal import ObjHalExtractor, ObjHalReport, coco_objhal_truth, score_answer
-from bpo_ray.eval.wordnet import NounLemmatizer
+from bpo_ray.metrics.objhal import ObjHalExtractor, ObjHalReport, coco_objhal_truth, score_answer
+from bpo_ray.metrics.wordnet import NounLemmatizer
 from bpo_ray.evaluate.items import EvalItem, LoadedBenchmark, row_meta
 from bpo_ray.evaluate.sources import BenchmarkDataError, read_json, read_records
 from bpo_ray.images import resolve_image_uri

@@ -2,7 +2,7 @@
 
 Official files (Li et al. 2023, ``coco_pope_{random,popular,adversarial}.json``) are JSON Lines of
 ``{"question_id", "image", "text", "label"}``, one file per split. Bias-world probes come from
-``bpo_ray.eval.pope.build_pope_probes`` over the test scenes, with each object's prior partner as the
+``bpo_ray.metrics.pope.build_pope_probes`` over the test scenes, with each object's prior partner as the
 adversarial negative (the object the language prior expects), which is what BPO should fix.
 """
 
@@ -12,7 +12,7 @@ from dataclasses import asdict
 from typing import Any, Mapping, Optional, Sequence
 
 from bpo_ray.config.evaluate import PopeSettings
-from bpo_ray.eval.pope import POPE_SPLITS, PopeScores, build_pope_probes, parse_answer, score_pope
+from bpo_ray.metrics.pope import POPE_SPLITS, PopeScores, build_pope_probes, parse_answer, score_pope
 from bpo_ray.evaluate.items import EvalItem, LoadedBenchmark, row_meta
 from bpo_ray.evaluate.sources import load_world_split, read_records
 from bpo_ray.images import resolve_image_uri

@@ -10,7 +10,28 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import AsyncIterator, Optional, Protocol, Sequence
 
-from bpo_ray.serving.chat_input import ChatInput
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: Optional[int] = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class ChatInput:
+    """A request the backends can run: prompt text, at most one RGB image, sampling settings."""
+
+    model: str                      # the served model name the client asked for
+    adapter: Optional[str]          # LoRA adapter name, None for the base model
+    prompt: str                     # LLaVA-1.5 prompt; holds one ``<image>`` iff ``image`` is set
+    image: Optional[np.ndarray]     # (H, W, 3) uint8
+    sampling: SamplingSpec
+    prompt_tokens: int              # image tokens included
 
 
 @dataclass

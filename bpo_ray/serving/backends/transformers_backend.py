@@ -22,7 +22,7 @@ from bpo_ray import storage
 from bpo_ray.models.loading import load_mllm
 from bpo_ray.serving.backends.base import (GenerationResult, IncrementalDecoder, StopTrimmer, TextDelta,
                                            trim_at_stop)
-from bpo_ray.serving.chat_input import ChatInput, SamplingSpec
+from bpo_ray.serving.backends.base import ChatInput, SamplingSpec
 
 
 class _TokenQueueStreamer:

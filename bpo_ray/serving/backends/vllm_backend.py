@@ -13,7 +13,6 @@ import asyncio
 import itertools
 import json
 import logging
-import os
 import queue
 import threading
 import uuid
@@ -25,7 +24,7 @@ from PIL import Image
 from bpo_ray import storage
 from bpo_ray.serving.backends.base import (GenerationResult, IncrementalDecoder, StopTrimmer, TextDelta,
                                            generate_via_stream)
-from bpo_ray.serving.chat_input import ChatInput
+from bpo_ray.serving.backends.base import ChatInput
 
 logger = logging.getLogger("bpo_ray.serving")
 
@@ -52,11 +51,9 @@ class VLLMBackend:
         from vllm.lora.request import LoRARequest
 
         from bpo_ray.models.loading import resolve_model_path
-        from bpo_ray.models.vllm_engine import make_llm
+        from bpo_ray.models.vllm_engine import in_process_engine_env, make_llm
 
-        # The engine lives in this replica (stepped by our thread); a separate engine-core process
-        # would only add start-up time. An explicit setting in the environment wins.
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        in_process_engine_env()  # the engine lives in this replica, stepped by our thread
         local = {name: storage.localize(uri, cache_dir) for name, uri in (adapters or {}).items()}
         if local:
             ranks = [lora_rank(d) for d in local.values()]

@@ -5,7 +5,7 @@ RLHF-V/RLHF-V), the scorer behind the "Resp." / "Ment." columns of RLHF-V, RLAIF
 answer it
 
 1. lower-cases the answer and tokenizes it with ``nltk.word_tokenize`` (Treebank rules);
-2. lemmatizes every token with NLTK's WordNet lemmatizer (noun morphy, ``bpo_ray.eval.wordnet``);
+2. lemmatizes every token with NLTK's WordNet lemmatizer (noun morphy, ``bpo_ray.metrics.wordnet``);
 3. joins two-word phrases left to right: every multi-word form of ``synonyms_refine.txt``, "home
    plate", "train track", "baby"/"adult" + animal = the animal, "passenger jet/train" = the
    vehicle, "bow tie" = tie, "toilet seat" = toilet, "wine glas" = wine glass;
@@ -23,7 +23,7 @@ same steps). Metrics (``compute_chair``):
 
 Unlike Rohrbach's ``chair.py`` there is no singularizer: WordNet gives "bus" (not "bu") and "ties"
 -> "tie"; the synonym forms are stripped. This module writes those steps itself (no reference code
-copied); the tokenizer is ``bpo_ray.eval.nltk_tokenize`` (NLTK 3.8.1 rules).
+copied); the tokenizer is ``bpo_ray.metrics.nltk_tokenize`` (NLTK 3.8.1 rules).
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Optional, Sequence
 
-from bpo_ray.eval.nltk_tokenize import word_tokenize
-from bpo_ray.eval.wordnet import NounLemmatizer
+from bpo_ray.metrics.nltk_tokenize import word_tokenize
+from bpo_ray.metrics.wordnet import NounLemmatizer
 
 _ANIMALS = ("bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "animal", "cub")
 

@@ -24,11 +24,11 @@ from ray import serve
 
 from bpo_ray.config.serve import JudgeProxyConfig
 from bpo_ray.serving.errors import APIError, install_error_handlers
-from bpo_ray.serving.judge_auth import ClientAuth
-from bpo_ray.serving.judge_cache import JudgeCache, cache_key, is_deterministic
-from bpo_ray.serving.judge_limits import SlidingWindowLimiter
-from bpo_ray.serving.judge_upstream import UpstreamClient, UpstreamResult
-from bpo_ray.serving.judge_usage import Usage, UsageLedger
+from bpo_ray.serving.judge.auth import ClientAuth
+from bpo_ray.serving.judge.cache import JudgeCache, cache_key, is_deterministic
+from bpo_ray.serving.judge.limits import SlidingWindowLimiter
+from bpo_ray.serving.judge.upstream import UpstreamClient, UpstreamResult
+from bpo_ray.serving.judge.usage import Usage, UsageLedger
 
 logger = logging.getLogger("bpo_ray.serving.judge")
 
@@ -143,7 +143,7 @@ class JudgeProxy:
 
 
 def parse_tokens_for_redaction(env_name: str) -> list[str]:
-    from bpo_ray.serving.judge_auth import parse_client_tokens
+    from bpo_ray.serving.judge.auth import parse_client_tokens
 
     return list(parse_client_tokens(os.environ.get(env_name, "")))
 

@@ -184,15 +184,15 @@ def score_generative(rows: Sequence[tuple[Sequence[str], Sequence[str], Sequence
 def nltk_noun_extractor(wordnet_dir: Optional[str] = None) -> NounExtractor:
     """The reference's ``extract_nouns``: ``word_tokenize`` + NLTK ``pos_tag`` (tags starting "NN"),
     WordNet lemma. Needs the ``nltk`` package with its tagger data installed (not a bpo-ray
-    dependency); tokens come from ``bpo_ray.eval.nltk_tokenize`` (NLTK 3.8.1's rules, so Punkt's
-    data is not needed) and lemmas from ``bpo_ray.eval.wordnet``."""
+    dependency); tokens come from ``bpo_ray.metrics.nltk_tokenize`` (NLTK 3.8.1's rules, so Punkt's
+    data is not needed) and lemmas from ``bpo_ray.metrics.wordnet``."""
     try:
         import nltk
     except ImportError as exc:
         raise RuntimeError("AMBER generative scoring needs a noun extractor: install nltk and its "
                            "averaged_perceptron_tagger data, or pass one") from exc
-    from bpo_ray.eval.nltk_tokenize import word_tokenize
-    from bpo_ray.eval.wordnet import NounLemmatizer
+    from bpo_ray.metrics.nltk_tokenize import word_tokenize
+    from bpo_ray.metrics.wordnet import NounLemmatizer
 
     lemmatizer = NounLemmatizer.from_dir(wordnet_dir)
 

@@ -21,7 +21,7 @@ so numbers compare with published CHAIR tables, and ``mode="corrected"`` fixes t
   "tennis" -> "tenni", "glass" -> "glas" (the reference patches only "wine glas"); it turns "ties"
   into "ty" (Pattern's "^tie" exception is compared literally, caret included) and leaves
   "doggies" plural. *Corrected*: a token that is itself a vocabulary form, or a regular or
-  irregular plural of one (``bpo_ray.eval.chair.plural_forms``), is kept as that form;
+  irregular plural of one (``bpo_ray.metrics.chair.plural_forms``), is kept as that form;
 * ``synonyms.txt`` is split on ", " without stripping, so " motor bike" and " cheesecake" (two
   spaces after the comma in the file) never match. *Corrected*: forms are stripped;
 * the form "iPhone" is never matched against the lower-cased caption. *Corrected*: forms are
@@ -45,7 +45,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Literal
 
-from bpo_ray.eval.chair import ObjectMention, plural_forms
+from bpo_ray.metrics.chair import ObjectMention, plural_forms
 
 RohrbachMode = Literal["rohrbach", "corrected"]
 ROHRBACH_MODES: tuple[str, ...] = ("rohrbach", "corrected")
@@ -234,7 +234,7 @@ class RohrbachWords:
 
 class RohrbachExtractor:
     """Object mentions in a caption by Rohrbach et al.'s rules; the interface of
-    ``bpo_ray.eval.chair.ObjectMentionExtractor`` (``extract``, ``canonical``)."""
+    ``bpo_ray.metrics.chair.ObjectMentionExtractor`` (``extract``, ``canonical``)."""
 
     def __init__(self, synonym_lines: Iterable[str], mode: RohrbachMode = "rohrbach"):
         self.mode = mode

@@ -1,6 +1,7 @@
 """Client side of the judge proxy: an ``openai`` client pointed at it, the token from the environment.
 
-The evaluate stage and the judge-ranked pair strategy use this; they never see the upstream key.
+The one judge client: the evaluate stage, the judge-ranked and on-policy pair strategies and the
+annotation job all use it, with the proxy's own token; none of them ever sees the upstream key.
 
     client = judge_client("http://127.0.0.1:8000/judge/v1")
     text = judge_complete(client, [{"role": "user", "content": "Rate ..."}], model="gpt-4")
@@ -16,7 +17,7 @@ CLIENT_TOKEN_ENV = "BPO_JUDGE_TOKEN"
 
 def client_token(token_env: str = CLIENT_TOKEN_ENV, server_tokens_env: str = "BPO_JUDGE_TOKENS") -> str:
     """This client's token: ``$BPO_JUDGE_TOKEN``, else (one machine, demo) the first of the server's list."""
-    from bpo_ray.serving.judge_auth import parse_client_tokens
+    from bpo_ray.serving.judge.auth import parse_client_tokens
 
     token = os.environ.get(token_env, "").strip()
     if token:

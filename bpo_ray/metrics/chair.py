@@ -16,7 +16,7 @@ Object mentions are found by one of two matchers behind one interface (``Mention
   lower-cased tokens, longest form first (so "hot dog" is not a dog, "dog leash" is a leash), and
   plural forms are generated for every surface form instead of lemmatizing the caption. The bias
   world's CHAIR numbers come from this matcher.
-* ``bpo_ray.eval.rohrbach.RohrbachExtractor``: COCO captions matched token for token as the
+* ``bpo_ray.metrics.rohrbach.RohrbachExtractor``: COCO captions matched token for token as the
   reference implementation (LisaAnne/Hallucination ``utils/chair.py``) does, with its deliberate
   rules ("baby bird" is a bird, "passenger jet" no person, "toilet seat" no chair, "train track"
   no train) and, in ``mode="rohrbach"``, its defects ("bus" -> "bu"); ``mode="corrected"`` fixes them.
@@ -118,7 +118,7 @@ class ObjectMentionExtractor:
 
 class MentionExtractor(Protocol):
     """What CHAIR needs from an object matcher: ``ObjectMentionExtractor`` (any synonym table) or
-    ``bpo_ray.eval.rohrbach.RohrbachExtractor`` (COCO, as the reference implementation matches)."""
+    ``bpo_ray.metrics.rohrbach.RohrbachExtractor`` (COCO, as the reference implementation matches)."""
 
     def extract(self, text: str) -> list[ObjectMention]: ...
 

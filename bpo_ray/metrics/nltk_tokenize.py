@@ -11,7 +11,7 @@ Two steps, as ``word_tokenize`` takes them:
   The trained model also knows abbreviations ("mr.", "e.g."); lower-cased answers rarely contain
   them;
 * words: the rules of ``NLTKWordTokenizer`` (NLTK 3.8.1), which differs from the 3.2.5 Treebank
-  rules of ``bpo_ray.eval.rohrbach`` in Unicode quotes ("woman’s" -> "woman", "’", "s"), runs of
+  rules of ``bpo_ray.metrics.rohrbach`` in Unicode quotes ("woman’s" -> "woman", "’", "s"), runs of
   two or more dots, "*", single quotes before a word, and MacIntyre's contractions ("cannot" ->
   "can", "not"), which shift token positions.
 
