@@ -461,7 +461,7 @@ def _scripted_app(replies: list):
 def test_items_fail_with_reasons_and_mmvet_falls_back_to_zero(tmp_path):
     from PIL import Image
 
-    from bpo_ray.evaluate.judge import Secret, openai_client
+    from bpo_ray.evaluate.judge import Secret, model_client
     from bpo_ray.evaluate.runner import EndpointSpec, ImageCache, answer_row, judge_row
 
     Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / "red.png")
@@ -471,7 +471,7 @@ def test_items_fail_with_reasons_and_mmvet_falls_back_to_zero(tmp_path):
     app = _scripted_app(replies)
     with _Server(app) as url:
         spec = EndpointSpec(url, "m", Secret(""), max_retries=0)
-        client = openai_client(url, Secret(""), 10, 0)
+        client = model_client(url, Secret(""), 10, 0)
         images = ImageCache()
         answered = answer_row(client, spec, images, row)
         assert (answered["answer"], answered["error"]) == ("Red.", "")
@@ -489,7 +489,7 @@ def test_items_fail_with_reasons_and_mmvet_falls_back_to_zero(tmp_path):
         # LLaVA-Bench has no fallback: an unusable review leaves no value.
         judged = judge_row(client, spec, llava_bench.REVIEWER, {**answered, "meta": json.dumps({"context": "c"})})
         assert judged["judge_value"] == "" and judged["judge_error"] == "unparsable"
-    closed = openai_client(url, Secret(""), 2, 0)
+    closed = model_client(url, Secret(""), 2, 0)
     assert answer_row(closed, spec, images, row)["error"] == "connection_error"
 
 

@@ -1,4 +1,5 @@
-"""The command-line face of a config, shared by every stage's CLI: ``--config`` and ``--set``.
+"""The command-line face of a config, shared by every stage's CLI: ``--config``, ``--set`` and
+``--address``, the parser a stage starts from, and how a stage reports a bad input.
 
 Lives with the configs (not in the ``bpo-ray`` dispatcher, which imports the stage CLIs).
 """
@@ -31,3 +32,22 @@ def config_from_args(args: argparse.Namespace, extra: Sequence[str] = ()):
     except ConfigError as exc:
         print(f"bpo-ray: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def stage_parser(command: str, description: str, pairs_help: str = "", out_help: str = "") -> argparse.ArgumentParser:
+    """``bpo-ray <command>``'s parser: the config arguments, plus required ``--pairs`` / ``--out``
+    when their help is given."""
+    parser = argparse.ArgumentParser(prog=f"bpo-ray {command}", description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser)
+    if pairs_help:
+        parser.add_argument("--pairs", required=True, help=pairs_help)
+    if out_help:
+        parser.add_argument("--out", required=True, help=out_help)
+    return parser
+
+
+def stage_error(command: str, exc: BaseException | str) -> int:
+    """Report a bad input of ``bpo-ray <command>`` in one line on stderr; the exit status (2)."""
+    print(f"bpo-ray {command}: {exc}", file=sys.stderr)
+    return 2

@@ -21,7 +21,7 @@ import torch
 from bpo_ray import numerics
 from bpo_ray.config.generate import NoiseConfig, SamplingConfig
 from bpo_ray.generate.backends import MLLMRunner, worker_env_defaults
-from bpo_ray.generate.rows import decode_rows_images, ok_indices, rows_by_group, sampling_record, with_column
+from bpo_ray.generate.rows import decoded_batch, rows_by_group, sampling_record, with_column
 from bpo_ray.generate.seeds import noise_seed, sampling_seed
 from bpo_ray.noise import add_diffusion_noise
 
@@ -56,14 +56,7 @@ class ImageWeakenedSampler:
                                           noise_num_steps=self.noise.num_steps)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        negatives: list[list[dict]] = [[] for _ in range(len(batch["order"]))]
-        images = decode_rows_images(batch, ok_indices(batch))
-        rows = []
-        for i, img in images.items():
-            if isinstance(img, str):
-                negatives[i] = [{"failed": img}]
-            else:
-                rows.append(i)
+        images, rows, negatives = decoded_batch(batch)
         for group in rows_by_group(batch, rows):
             self._generate(batch, group, images, negatives)
         return with_column(batch, COLUMN, negatives, drop=self.drop)

@@ -22,7 +22,7 @@ import numpy as np
 from bpo_ray import numerics
 from bpo_ray.config.generate import JudgeRankedConfig, SamplingConfig
 from bpo_ray.generate.backends import MLLMRunner, worker_env_defaults
-from bpo_ray.generate.rows import decode_rows_images, ok_indices, rows_by_group, sampling_record, with_column
+from bpo_ray.generate.rows import decoded_batch, rows_by_group, sampling_record, with_column
 from bpo_ray.generate.seeds import derive_seed, sampling_seed
 from bpo_ray.images import to_data_url
 from bpo_ray.serving.judge.client import CLIENT_TOKEN_ENV, judge_client
@@ -171,12 +171,7 @@ class JudgeRankedSampler:
                                           num_samples=self.cfg.num_samples, min_score_gap=self.cfg.min_score_gap)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        negatives: list[list[dict]] = [[] for _ in range(len(batch["order"]))]
-        images = decode_rows_images(batch, ok_indices(batch))
-        rows = [i for i, img in images.items() if not isinstance(img, str)]
-        for i, img in images.items():
-            if isinstance(img, str):
-                negatives[i] = [{"failed": img}]
+        images, rows, negatives = decoded_batch(batch)
         samples: dict[int, list[tuple[str, int]]] = {}
         for group in rows_by_group(batch, rows):
             samples.update(self._sample(batch, group, images, negatives))

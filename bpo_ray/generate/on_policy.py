@@ -37,7 +37,7 @@ from bpo_ray.config.generate import OnPolicyConfig, SamplingConfig
 from bpo_ray.metrics.chair import MentionExtractor, ObjectMentionExtractor
 from bpo_ray.generate.backends import MLLMRunner, worker_env_defaults
 from bpo_ray.generate.pairs import normalise
-from bpo_ray.generate.rows import decode_rows_images, ok_indices, rows_by_group, sampling_record, with_column
+from bpo_ray.generate.rows import decoded_batch, rows_by_group, sampling_record, with_column
 from bpo_ray.generate.seeds import sampling_seed
 from bpo_ray.generate.sentences import (SentenceVerdict, apply_verdicts, first_hallucinated, is_grounded_answer,
                                         join_sentences, sentence_objects)
@@ -175,12 +175,7 @@ class OnPolicySampler:
 
     # ------------------------------------------------------------------ stage
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        negatives: list[list[dict]] = [[] for _ in range(len(batch["order"]))]
-        images = decode_rows_images(batch, ok_indices(batch))
-        rows = [i for i, img in images.items() if not isinstance(img, str)]
-        for i, img in images.items():
-            if isinstance(img, str):
-                negatives[i] = [{"failed": img}]
+        images, rows, negatives = decoded_batch(batch)
         wanted = self.cfg.item_sources
         if wanted is not None:
             for i in [i for i in rows if str(batch["source"][i]) not in wanted]:

@@ -47,6 +47,20 @@ def decode_rows_images(batch: dict[str, np.ndarray], rows: Sequence[int]) -> dic
     return out
 
 
+def decoded_batch(batch: dict[str, np.ndarray]) -> tuple[dict[int, Image.Image], list[int], list[list[dict]]]:
+    """What every model stage starts from: ``(images, rows, negatives)``. ``images`` maps each
+    usable row whose image decodes to it, ``rows`` lists those rows in order, and ``negatives``
+    (one list per row) already holds ``{"failed": reason}`` for a row whose image no longer decodes."""
+    negatives: list[list[dict]] = [[] for _ in range(len(batch["order"]))]
+    images: dict[int, Image.Image] = {}
+    for i, img in decode_rows_images(batch, ok_indices(batch)).items():
+        if isinstance(img, str):
+            negatives[i] = [{"failed": img}]
+        else:
+            images[i] = img
+    return images, list(images), negatives
+
+
 def image_png_bytes(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")

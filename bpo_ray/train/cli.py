@@ -6,17 +6,15 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from bpo_ray.config.args import add_config_args, config_from_args
+from bpo_ray.config.args import config_from_args, stage_error, stage_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bpo-ray train", description=(
-        "LoRA DPO (or SFT, --set train.mode=sft) on preference pairs with Ray Train + DeepSpeed ZeRO. "
-        "Running it again with the same --out resumes from the latest checkpoint."))
-    add_config_args(parser)
-    parser.add_argument("--pairs", required=True, help="pairs: a generate/reference output dir, a pairs dir or a Parquet file (local or s3://)")
-    parser.add_argument("--out", required=True, help="output dir (local or s3://): adapter/, checkpoints/, metrics.jsonl, logps.png")
-    return parser
+    return stage_parser(
+        "train", "LoRA DPO (or SFT, --set train.mode=sft) on preference pairs with Ray Train + DeepSpeed ZeRO. "
+        "Running it again with the same --out resumes from the latest checkpoint.",
+        pairs_help="pairs: a generate/reference output dir, a pairs dir or a Parquet file (local or s3://)",
+        out_help="output dir (local or s3://): adapter/, checkpoints/, metrics.jsonl, logps.png")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -30,8 +28,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         result = run_training(cfg, args.pairs, args.out)
     except (PairsError, TargetModuleError, ZeroConfigError, FileNotFoundError) as exc:
-        print(f"bpo-ray train: {exc}", file=sys.stderr)
-        return 2
+        return stage_error("train", exc)
     m = result.final_metrics
     summary = f"loss {m.get('loss', float('nan')):.4f}"
     if cfg.train.mode == "dpo":

@@ -6,17 +6,15 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from bpo_ray.config.args import add_config_args, config_from_args
+from bpo_ray.config.args import config_from_args, stage_error, stage_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bpo-ray reference", description=(
-        "Add reference log-probs (base model, the same answer-token scoring as training) to every pair; "
-        "`bpo-ray train --pairs O` then skips the reference forward pass."))
-    add_config_args(parser)
-    parser.add_argument("--pairs", required=True, help="input pairs: a generate output dir, a pairs dir or a Parquet file")
-    parser.add_argument("--out", required=True, help="output dir (local or s3://): pairs/*.parquet + manifest.json")
-    return parser
+    return stage_parser(
+        "reference", "Add reference log-probs (base model, the same answer-token scoring as training) to every "
+        "pair; `bpo-ray train --pairs O` then skips the reference forward pass.",
+        pairs_help="input pairs: a generate output dir, a pairs dir or a Parquet file",
+        out_help="output dir (local or s3://): pairs/*.parquet + manifest.json")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -28,8 +26,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         manifest = run_reference(cfg, args.pairs, args.out)
     except (PairsError, FileNotFoundError) as exc:
-        print(f"bpo-ray reference: {exc}", file=sys.stderr)
-        return 2
+        return stage_error("reference", exc)
     c = manifest.counts
     print(f"bpo-ray reference: {c.paired} of {c.items_in} pairs scored ({c.filtered} prompts too long) "
           f"in {manifest.timings['wall_s']:.1f} s; pairs at {args.out}/pairs")

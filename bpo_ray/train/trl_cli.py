@@ -13,16 +13,13 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from bpo_ray.config.args import add_config_args, config_from_args
+from bpo_ray.config.args import config_from_args, stage_error, stage_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bpo-ray trl-pairs", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(parser)
-    parser.add_argument("--pairs", required=True, help="a generate/reference output dir, a pairs dir or a Parquet file")
-    parser.add_argument("--out", required=True, help="local output directory for the TRL dataset")
-    return parser
+    return stage_parser("trl-pairs", __doc__,
+                        pairs_help="a generate/reference output dir, a pairs dir or a Parquet file",
+                        out_help="local output directory for the TRL dataset")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -36,15 +33,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from bpo_ray.train.trl_format import to_trl_dataset, trl_dpo_settings
 
     if "://" in args.out:
-        print("bpo-ray trl-pairs: --out must be a local directory (datasets.save_to_disk)", file=sys.stderr)
-        return 2
+        return stage_error("trl-pairs", "--out must be a local directory (datasets.save_to_disk)")
     try:
         models = ensure_models(cfg.models, ["mllm"], cfg.name, "trl-pairs")
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(models.mllm, models.cache_dir))
         result = to_trl_dataset(args.pairs, tokenizer)
     except (PairsError, FileNotFoundError) as exc:
-        print(f"bpo-ray trl-pairs: {exc}", file=sys.stderr)
-        return 2
+        return stage_error("trl-pairs", exc)
     try:
         settings = trl_dpo_settings(cfg.train)
     except ValueError as exc:
