@@ -112,3 +112,34 @@ class FlakyUpstream:
 
 def data_url(img: Image.Image) -> str:
     return to_data_url(img)
+
+
+class AppServer:
+    """An ASGI app under uvicorn in a daemon thread on a free loopback port; ``with`` gives its URL
+    (plus ``suffix``, e.g. ``/v1``)."""
+
+    def __init__(self, app, suffix: str = "", log_level: str = "warning"):
+        import socket
+
+        import uvicorn
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.suffix = suffix
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level=log_level))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> str:
+        import time
+
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline, "server did not start within 30 s"
+            time.sleep(0.02)
+        return f"http://127.0.0.1:{self.port}{self.suffix}"
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)

@@ -5,15 +5,13 @@ recording against real HTTP servers (no Ray)."""
 from __future__ import annotations
 
 import json
-import threading
-import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from conftest import free_port
 from bpo_ray.evaluate.benchmarks import chair, llava_bench, mmvet, pope
+from tests.serve_support import AppServer
 
 # ---------------------------------------------------------------------------------------------
 # MM-Vet
@@ -420,23 +418,6 @@ def test_report_to_s3_and_partial_benchmarks(s3_server):
 # Per-item failures against real HTTP servers (no Ray)
 
 
-class _Server:
-    def __init__(self, app):
-        import uvicorn
-
-        self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.02)
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(5)
 
 
 def _scripted_app(replies: list):
@@ -469,7 +450,7 @@ def test_items_fail_with_reasons_and_mmvet_falls_back_to_zero(tmp_path):
            "reference": "Red.", "category": "rec", "meta": "{}", "max_tokens": 8, "needs_judge": True}
     replies = ["Red.", 500, "no idea", "still no idea", "The grade: 0.9", "Both answers are fine."]
     app = _scripted_app(replies)
-    with _Server(app) as url:
+    with AppServer(app, suffix="/v1") as url:
         spec = EndpointSpec(url, "m", Secret(""), max_retries=0)
         client = model_client(url, Secret(""), 10, 0)
         images = ImageCache()

@@ -20,7 +20,6 @@ import json
 import os
 import re
 import secrets
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -29,6 +28,7 @@ import pytest
 
 from conftest import free_port
 from serve_support import make_lora_adapter
+from tests.serve_support import AppServer
 
 pytestmark = pytest.mark.slow
 
@@ -45,28 +45,6 @@ N_ITEMS = 6
 # The judge upstream
 
 
-class ServerThread:
-    """uvicorn in a daemon thread on a free loopback port."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            if time.time() > deadline:
-                raise RuntimeError("server did not start")
-            time.sleep(0.05)
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 def _completion(model: str, text: str) -> dict:
@@ -157,7 +135,7 @@ def servers(ray_cluster, tiny_models, world, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("eval_serve")
     adapter = make_lora_adapter(tiny_models["mllm"], tmp / "bpo-both")
     judge = rule_judge_app(UPSTREAM_KEY, world["objects"])
-    with ServerThread(judge) as upstream_url:
+    with AppServer(judge, suffix="/v1") as upstream_url:
         port = free_port()
         cfg = with_adapters(load_config("tiny", [
             f"models.mllm={tiny_models['mllm']}", f"serve.port={port}", "serve.model.max_tokens=64",

@@ -6,35 +6,16 @@ reference golden, and every input row is accounted for in items.jsonl / skipped.
 from __future__ import annotations
 
 import json
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import free_port
+from tests.serve_support import AppServer
 
 pytestmark = pytest.mark.slow
 PARITY = Path(__file__).parent / "fixtures" / "parity"
 
 
-class _Server:
-    def __init__(self, app):
-        import uvicorn
-
-        self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.02)
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(5)
 
 
 def _answering_app(answers: dict[str, str]):
@@ -98,7 +79,7 @@ def test_objhal_and_amber_through_evaluate(ray_cluster, tmp_path):
         f"evaluate.amber.annotations={a / 'annotations.json'}", f"evaluate.amber.queries={tmp_path / 'queries.json'}",
         f"evaluate.amber.images={images}",  # no relation.json: the generative queries are skipped, counted
     ])
-    with _Server(_answering_app(answers)) as url:
+    with AppServer(_answering_app(answers), suffix="/v1") as url:
         metrics = evaluate(cfg, url, "m", out=str(tmp_path / "eval"), progress=False)
 
     golden = json.loads((PARITY / "objhal_official_golden.json").read_text())["overall_metrics"]

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from bpo_ray.evaluate.benchmarks import llava_bench, mmhal, mmvet
 from bpo_ray.world import annotator, grading
+from tests.serve_support import AppServer
 
 CTX = "There is a red cup on the left. There are two blue dogs, at the top and on the right."
 
@@ -276,29 +275,6 @@ def test_report_has_mmhal_and_judge_proxy_sections(tmp_path):
 # Over HTTP: openai client -> judge proxy -> world annotator
 
 
-class Server:
-    """uvicorn in a daemon thread on a free loopback port."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        from tests.conftest import free_port
-
-        self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline, "server did not start"
-            time.sleep(0.05)
-        return f"http://127.0.0.1:{self.port}"
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 def test_proxy_in_front_of_the_annotator(small_world, tmp_path, monkeypatch):
@@ -314,10 +290,10 @@ def test_proxy_in_front_of_the_annotator(small_world, tmp_path, monkeypatch):
     index = SceneIndex(str(small_world))
     assert len(index) >= 50
     monkeypatch.setenv("BPO_TEST_WJ_TOKENS", "evaluator:tok-world-judge-1")
-    with Server(create_app(index)) as annotator_url:
+    with AppServer(create_app(index)) as annotator_url:
         cfg = JudgeProxyConfig(upstream_base_url=f"{annotator_url}/v1", upstream_key_env="BPO_TEST_WJ_NO_KEY",
                                client_tokens_env="BPO_TEST_WJ_TOKENS", cache_path=str(tmp_path / "cache.sqlite"))
-        with Server(create_judge_app(cfg, prefix="/judge/v1")) as proxy_url:
+        with AppServer(create_judge_app(cfg, prefix="/judge/v1")) as proxy_url:
             client = openai.OpenAI(base_url=f"{proxy_url}/judge/v1", api_key="tok-world-judge-1", max_retries=0)
 
             def chat(content, **kw):

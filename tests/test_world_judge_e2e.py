@@ -15,13 +15,12 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from conftest import free_port
+from tests.serve_support import AppServer
 
 pytestmark = pytest.mark.slow
 
@@ -32,25 +31,6 @@ N_ITEMS = 6
 JUDGED = "evaluate.benchmarks=[mmvet,llava_bench,mmhal]"
 
 
-class ServerThread:
-    def __init__(self, app):
-        import uvicorn
-
-        self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline, "annotator did not start"
-            time.sleep(0.05)
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +51,7 @@ def servers(ray_cluster, tiny_models, world, tmp_path_factory):
     from bpo_ray.world.judge_server import SceneIndex, create_app
 
     tmp = tmp_path_factory.mktemp("wj_serve")
-    with ServerThread(create_app(SceneIndex(world))) as annotator_url:
+    with AppServer(create_app(SceneIndex(world)), suffix="/v1") as annotator_url:
         cfg = load_config("tiny", [
             f"models.mllm={tiny_models['mllm']}", f"serve.port={free_port()}", "serve.model.max_tokens=64",
             f"serve.judge.upstream_base_url={annotator_url}", "serve.judge.upstream_key_env=BPO_TEST_WJ_NO_KEY",
