@@ -13,7 +13,9 @@ grade follows the written rules of ``bpo_ray.world.grading`` (docs/world.md). Pr
 - MMHal-Bench (the official template's ``### Image Contents`` ... ``### LMM Response to
   Evaluate`` sections) -> an explanation and "Rating: N", N in 0-6.
 - HelpSteer ratings of the ``judge_ranked`` generate strategy (``[Question]``, ``[Reference
-  answer]``, ``[Response i]``) -> the ``{"scores": [...]}`` JSON line.
+  answer]``, ``[Response i]``) -> reasons and the ``{"scores": [...]}`` JSON line; when the prompt
+  lists ``- complexity:`` and ``- verbosity:`` (seed 002's annotation prompt) each entry carries
+  all five attributes and its ``reasoning``.
 - Claim verification (issue #16): the item's image plus exactly ``CLAIM_TEMPLATE`` -> "Yes." / "No.".
 - CHAIR's object lists (``evaluate.chair.extractor: judge``): the objects a description says are
   present -> "cup, dog" or "none" (the description is the whole input; no scene needed).
@@ -50,6 +52,7 @@ _OBJECT_LIST = re.compile(r"List every physical object that the description says
                           r"\nDescription:\n(?P<description>.*)\n\nObjects:\s*$", re.S)
 _HELPSTEER_Q = re.compile(r"\[Question\]\n(?P<question>.*?)\n\[End of question\]", re.S)
 _HELPSTEER_REF = re.compile(r"\[Reference answer\]\n(?P<reference>.*?)\n\[End of reference answer\]", re.S)
+_FIVE_ATTRIBUTES = re.compile(r"^- complexity:.*^- verbosity:", re.S | re.M)
 _HELPSTEER_RESP = re.compile(r"\[Response (?P<i>\d+)\]\n(?P<text>.*?)\n\[End of Response (?P=i)\]", re.S)
 
 
@@ -143,15 +146,24 @@ def _helpsteer(text: str, scene: Optional[SceneTruth]) -> str:
     q = _HELPSTEER_Q.search(text)
     ref = _HELPSTEER_REF.search(text)
     question = q["question"].strip() if q else ""
+    reference = ref["reference"].strip() if ref else ""
+    five = bool(_FIVE_ATTRIBUTES.search(text))  # the five-attribute prompt of seed 002's annotation job
     responses = [m["text"] for m in sorted(_HELPSTEER_RESP.finditer(text), key=lambda m: int(m["i"]))]
     if scene is not None:
         expected, kinds = grading.expected_from_scene(question, scene), frozenset(scene)
     else:
-        expected, kinds = grading.expected_from_reference(question, ref["reference"] if ref else ""), None
+        expected, kinds = grading.expected_from_reference(question, reference), None
     scores = []
     reasons = []
     for i, response in enumerate(responses, 1):
         grade = grading.grade_answer(expected, response.strip(), kinds)
-        scores.append(grading.helpsteer_scores(grade, response))
-        reasons.append(f"Response {i}: {grading.explain(grade)}")
+        why = grading.explain(grade)
+        if five:
+            ratings = grading.helpsteer_ratings(grade, response, reference)
+            why += (f" It is {grading.word_count(response)} words against the reference's "
+                    f"{grading.word_count(reference)}.")
+            scores.append({"reasoning": why, **ratings})
+        else:
+            scores.append(grading.helpsteer_scores(grade, response))
+        reasons.append(f"Response {i}: {why}")
     return "\n".join(reasons) + "\n" + json.dumps({"scores": scores})

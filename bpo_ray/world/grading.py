@@ -279,3 +279,41 @@ def helpsteer_scores(grade: Grade, answer: str) -> dict[str, int]:
     """Seed 002's three HelpSteer attributes, 0-4 each."""
     return {"helpfulness": int(4 * grade.coverage + 0.5), "correctness": int(4 * grade.correctness + 0.5),
             "coherence": coherence(answer, grade.qtype)}
+
+
+def word_count(text: str) -> int:
+    """Words (runs of letters or digits; punctuation is not a word)."""
+    return len(re.findall(r"[^\W_]+", text))
+
+
+def complexity(answer: str) -> int:
+    """HelpSteer complexity 0-4 from the answer's structure: 0 empty; 1 at most two words ("Yes.",
+    "Two cups."); 2 one sentence without a modifier; 3 one sentence with a colour or a position, or
+    several sentences without; 4 several sentences with colours or positions (caption-level prose)."""
+    n = word_count(answer)
+    if not n:
+        return 0
+    if n <= 2:
+        return 1
+    sentences = [x for x in re.findall(r"[^.!?]+", answer) if x.strip()]
+    modified = bool(colours_in(answer) or positions_in(answer))
+    if len(sentences) <= 1:
+        return 3 if modified else 2
+    return 4 if modified else 3
+
+
+def verbosity(answer: str, reference: str) -> int:
+    """HelpSteer verbosity 0-4 from length against the reference answer: with r = answer words /
+    reference words (at least 1), 0 empty, 1 r < 0.5, 2 0.5 <= r <= 1.5, 3 1.5 < r <= 3, 4 r > 3."""
+    n = word_count(answer)
+    if not n:
+        return 0
+    r = n / max(1, word_count(reference))
+    return 1 if r < 0.5 else 2 if r <= 1.5 else 3 if r <= 3 else 4
+
+
+def helpsteer_ratings(grade: Grade, answer: str, reference: str) -> dict[str, int]:
+    """All five HelpSteer attributes (seed 002, section 2.5), 0-4 each: ``helpsteer_scores`` plus
+    ``complexity`` (structure) and ``verbosity`` (length against ``reference``)."""
+    return {**helpsteer_scores(grade, answer), "complexity": complexity(answer),
+            "verbosity": verbosity(answer, reference)}
