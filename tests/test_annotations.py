@@ -15,6 +15,7 @@ from bpo_ray.config.generate import FilterConfig
 from bpo_ray.generate import annotations as ann
 from bpo_ray.generate.judge_ranked import ATTRIBUTES, JudgeClient, JudgeError, choose_pair, judge_messages, parse_scores
 from bpo_ray.generate.pairs import item_outcome
+from bpo_ray.models.steerlm import steer_prompt
 from bpo_ray.generate.shards import ShardStore, total_counts
 from bpo_ray.schemas import ANNOTATION_SCHEMA, PAIR_SCHEMA, SchemaError, annotations_table, read_parquet
 from bpo_ray.world import annotator, grading
@@ -202,11 +203,11 @@ def test_steerlm_rows_write_each_completions_ratings_into_the_prompt():
                                "coherence:4,complexity:2,verbosity:2 ASSISTANT:")
     assert len(set(table.column("id").to_pylist())) == 12
     with pytest.raises(ValueError, match="missing"):
-        ann.steer_prompt("USER: q ASSISTANT:", {"helpfulness": 4})
+        steer_prompt("USER: q ASSISTANT:", {"helpfulness": 4})
     with pytest.raises(ValueError, match="integer in 0-4"):
-        ann.steer_prompt("USER: q ASSISTANT:", dict.fromkeys(ATTRIBUTES, 4.5))
+        steer_prompt("USER: q ASSISTANT:", dict.fromkeys(ATTRIBUTES, 4.5))
     with pytest.raises(ValueError, match="ASSISTANT"):
-        ann.steer_prompt("USER: q", dict.fromkeys(ATTRIBUTES, 4))
+        steer_prompt("USER: q", dict.fromkeys(ATTRIBUTES, 4))
 
 
 def test_subsample_is_nested_and_seeded():

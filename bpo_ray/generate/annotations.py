@@ -12,8 +12,9 @@ reads (``train.mode=dpo`` for the first, ``train.mode=sft`` for the others, whic
 - ``rejection_sampling_rows``: SFT on the top-scoring completion, with the plain prompt
   (Constitutional AI / LLaMA-2's simplified rejection sampling, as the paper adopts it).
 - ``steerlm_rows``: SFT on every completion with its five ratings written into the prompt
-  (SteerLM, Dong et al. 2023: attribute-conditioned SFT); ``steer_prompt`` is the one place the
-  conditioned prompt is built, so inference can ask for the desired attributes the same way.
+  (SteerLM, Dong et al. 2023: attribute-conditioned SFT); ``bpo_ray.models.steerlm.steer_prompt``
+  is the one place the conditioned prompt is built, so the served model (request field
+  ``steer_attributes``) is asked for the desired attributes exactly as it was trained.
 """
 
 from __future__ import annotations
@@ -28,36 +29,11 @@ from bpo_ray.config.generate import FilterConfig
 from bpo_ray.generate.judge_ranked import METRICS, choose_pair
 from bpo_ray.generate.pairs import filter_reason
 from bpo_ray.generate.seeds import derive_seed
+from bpo_ray.models.steerlm import steer_prompt
 from bpo_ray.schemas import HELPSTEER_ATTRIBUTES, pair_id, pairs_table
 
 STRATEGY_REJECTION = "rejection_sampling"
 STRATEGY_STEERLM = "steerlm"
-ASSISTANT = " ASSISTANT:"
-
-
-def steer_attributes_text(attributes: Mapping[str, float]) -> str:
-    """HelpSteer's attribute string as SteerLM writes it: ``helpfulness:4,correctness:4,...`` in
-    HelpSteer's attribute order; every one of the five must be given, each an integer 0-4."""
-    missing = [a for a in HELPSTEER_ATTRIBUTES if a not in attributes]
-    extra = sorted(set(attributes) - set(HELPSTEER_ATTRIBUTES))
-    if missing or extra:
-        raise ValueError(f"steer attributes: missing {missing}, unknown {extra} (need {list(HELPSTEER_ATTRIBUTES)})")
-    parts = []
-    for a in HELPSTEER_ATTRIBUTES:
-        v = attributes[a]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or not 0 <= v <= 4:
-            raise ValueError(f"steer attribute {a}={v!r} is not an integer in 0-4")
-        parts.append(f"{a}:{int(v)}")
-    return ",".join(parts)
-
-
-def steer_prompt(prompt: str, attributes: Mapping[str, float]) -> str:
-    """``prompt`` (LLaVA-1.5 format, ending in `` ASSISTANT:``) with the desired attributes written
-    as the last line of the final user turn: ``...question\\nAttributes: helpfulness:4,...
-    ASSISTANT:``."""
-    if not prompt.endswith(ASSISTANT):
-        raise ValueError(f"prompt does not end with {ASSISTANT.strip()!r}: {prompt[-60:]!r}")
-    return f"{prompt[:-len(ASSISTANT)]}\nAttributes: {steer_attributes_text(attributes)}{ASSISTANT}"
 
 
 def _by_item(table: pa.Table) -> dict[str, list[dict[str, Any]]]:
@@ -123,7 +99,7 @@ def rejection_sampling_rows(table: pa.Table, min_total: float = 0.0) -> pa.Table
 
 def steerlm_rows(table: pa.Table) -> pa.Table:
     """One SFT row per rated, non-empty completion: the prompt carries the completion's own five
-    ratings (``steer_prompt``), so the model learns to answer as the attributes ask."""
+    ratings (``bpo_ray.models.steerlm.steer_prompt``), so the model learns to answer as the attributes ask."""
     rows = []
     for comps in _by_item(table).values():
         for r in comps:
