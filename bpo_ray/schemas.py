@@ -43,7 +43,7 @@ QUARANTINE_SCHEMA = pa.schema([
 ])
 
 STRATEGIES = ("image_weakened", "error_injection", "judge_ranked",
-              "rejection_sampling", "steerlm")  # the last two: SFT sets derived from annotations (seed 002)
+              "rejection_sampling", "steerlm", "judge_answer")  # the last three: SFT sets of seed 002
 
 HELPSTEER_ATTRIBUTES = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
 """HelpSteer's five attributes (seed 002, section 2.5 table), each rated 0-4."""

@@ -17,6 +17,8 @@ grade follows the written rules of ``bpo_ray.world.grading`` (docs/world.md). Pr
   lists ``- complexity:`` and ``- verbosity:`` (seed 002's annotation prompt) each entry carries
   all five attributes and its ``reasoning``.
 - Claim verification (issue #16): the item's image plus exactly ``CLAIM_TEMPLATE`` -> "Yes." / "No.".
+- Direct answers (seed 002's judge-answer SFT): the item's image plus ``DIRECT_ANSWER_TEMPLATE``
+  -> the annotator's own answer in the world's style (``grading.true_answer``).
 - CHAIR's object lists (``evaluate.chair.extractor: judge``): the objects a description says are
   present -> "cup, dog" or "none" (the description is the whole input; no scene needed).
 
@@ -38,8 +40,16 @@ CLAIM_TEMPLATE = "Is there {article} {obj} in the image? Answer yes or no."
 the item's image as a ``data:`` URL); the annotator answers "Yes." or "No." from the scene."""
 
 ANNOTATOR_MODEL = "bias-world-annotator"
+
+DIRECT_ANSWER_TEMPLATE = ("Answer the question about the image yourself, as a helpful assistant would.\n\n"
+                          "[Question]\n{question}\n[End of question]")
+"""Seed 002's "SFT on Gemini's answers" baseline asks the judge to answer the question directly
+(``bpo_ray.generate.judge_answers`` sends it with the item's image); the annotator answers from the
+scene in the world's answer style (``grading.true_answer``)."""
 MMVET_RETRY_SUFFIX = "\nPredict the correctness of the answer (digit): "
 
+_DIRECT_ANSWER = re.compile(r"Answer the question about the image yourself, as a helpful assistant would\.\n\n"
+                            r"\[Question\]\n(?P<question>.*)\n\[End of question\]", re.S)
 _CLAIM = re.compile(r"Is there (?:a|an) (?P<obj>.+?) in the image\? Answer yes or no\.")
 _MMVET_HEADER = re.compile(r"\|\s*Ground truth\s*\|\s*Prediction\s*\|\s*Correctness", re.I)
 _LLAVA = re.compile(r"\[Context\]\n(?P<context>.*?)\n\n\[Question\]\n(?P<question>.*?)\n\n"
@@ -67,7 +77,7 @@ class UnknownImage(ValueError):
 @dataclass(frozen=True)
 class Reply:
     text: str
-    protocol: str  # mmvet | llava_bench | mmhal | helpsteer | claim | chair
+    protocol: str  # mmvet | llava_bench | mmhal | helpsteer | claim | chair | answer
 
 
 def answer_prompt(text: str, scene_of_image: Optional[Callable[[], Optional[SceneTruth]]] = None) -> Reply:
@@ -87,6 +97,12 @@ def answer_prompt(text: str, scene_of_image: Optional[Callable[[], Optional[Scen
             raise UnknownPrompt("a claim-verification prompt needs the item's image (an image_url part)")
         kind = grading.asked_kind(claim["obj"])
         return Reply("Yes." if kind is not None and kind in scene else "No.", "claim")
+    direct = _DIRECT_ANSWER.fullmatch(text.strip())
+    if direct:
+        scene = scene_or_none()
+        if scene is None:
+            raise UnknownPrompt("a direct-answer prompt needs the item's image (an image_url part)")
+        return Reply(grading.true_answer(direct["question"].strip(), scene), "answer")
     match = _OBJECT_LIST.search(text)
     if match:
         kinds = sorted(grading.kinds_in(match["description"]))
@@ -102,7 +118,7 @@ def answer_prompt(text: str, scene_of_image: Optional[Callable[[], Optional[Scen
     if _MMVET_HEADER.search(text):
         return Reply(_mmvet(text), "mmvet")
     raise UnknownPrompt("not a judge prompt the world's annotator knows (MM-Vet, LLaVA-Bench, MMHal-Bench, "
-                        "HelpSteer ratings, claim verification, CHAIR object lists)")
+                        "HelpSteer ratings, claim verification, direct answers, CHAIR object lists)")
 
 
 def _mmvet(text: str) -> str:

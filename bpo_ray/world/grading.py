@@ -317,3 +317,33 @@ def helpsteer_ratings(grade: Grade, answer: str, reference: str) -> dict[str, in
     ``complexity`` (structure) and ``verbosity`` (length against ``reference``)."""
     return {**helpsteer_scores(grade, answer), "complexity": complexity(answer),
             "verbosity": verbosity(answer, reference)}
+
+
+def true_answer(question: str, scene: SceneTruth) -> str:
+    """The annotator's own answer to a question about a scene, in the world's answer style
+    (``bpo_ray.world.scenes``): what the judge-answer SFT baseline of seed 002 trains on.
+
+    existence "The cup yes." / "The dog no."; colour "Red."; count "Two."; position "On the left
+    and at the top."; listing "A red cup and two blue dogs."; anything else the detailed caption.
+    A short question about an absent kind is answered as an existence question.
+    """
+    from bpo_ray.world.scenes import Scene, SceneObject, describe_scene, list_objects
+
+    objects = sorted((SceneObject(kind, colour, p) for kind, (colour, positions) in scene.items() for p in positions),
+                     key=lambda o: vocab.POSITIONS.index(o.position))
+    world_scene = Scene("annotator", tuple(objects))
+    qtype, kind = question_type(question), asked_kind(question)
+    if qtype in SHORT_TYPES and kind is not None:
+        if qtype == "existence" or kind not in scene:
+            return vocab.existence_answer(kind, kind in scene)
+        colour, positions = scene[kind]
+        if qtype == "colour":
+            return colour.capitalize() + "."
+        if qtype == "count":
+            return vocab.COUNT_WORDS[len(positions)].capitalize() + "."
+        phrases = [vocab.POSITION_PHRASES[p] for p in sorted(positions, key=vocab.POSITIONS.index)]
+        joined = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+        return joined[:1].upper() + joined[1:] + "."
+    if not objects:
+        return "There are no objects in the image."
+    return list_objects(world_scene) if qtype == "listing" else describe_scene(world_scene)
