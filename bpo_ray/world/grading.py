@@ -347,3 +347,33 @@ def true_answer(question: str, scene: SceneTruth) -> str:
     if not objects:
         return "There are no objects in the image."
     return list_objects(world_scene) if qtype == "listing" else describe_scene(world_scene)
+
+
+_LAST_QUESTION = re.compile(r"^(?P<caption>.*?)\s*(?P<question>[^.!?]*\?)\s*$", re.S)
+
+
+def split_text_question(text: str) -> tuple[str, str]:
+    """A world text question (``"<caption> Is there a cup in the image?"``) as (caption, question)."""
+    match = _LAST_QUESTION.match(text.strip())
+    if not match:
+        return "", text.strip()
+    return match["caption"].strip(), match["question"].strip()
+
+
+def mtbench_rating(grade: Grade, answer: str) -> int:
+    """MT-Bench's 1-10 rating of a world text answer: 1 + round(9 x correctness); minus 2 when it is
+    not coherent (``coherence`` < 4: repetition or text outside the world's grammar); at most 3 when
+    it states something false or names an absent object; never below 1."""
+    rating = 1 + int(9 * grade.correctness + 0.5)
+    if coherence(answer, grade.qtype) < 4:
+        rating -= 2
+    if grade.hallucination:
+        rating = min(rating, 3)
+    return max(1, rating)
+
+
+def pairwise_key(grade: Grade, answer: str) -> tuple:
+    """What decides an AlpacaEval comparison in the world: no hallucination first, then
+    correctness, coverage and coherence; equal keys are a tie."""
+    return (not grade.hallucination, round(grade.correctness, 6), round(grade.coverage, 6),
+            coherence(answer, grade.qtype))
