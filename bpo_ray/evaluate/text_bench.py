@@ -49,15 +49,16 @@ class Endpoints:
 
     def __init__(self, model_url: str, model_name: str, judge_url: str, judge_token: Secret,
                  judge_model: str = "gpt-4", max_tokens: int = 64, timeout_s: float = 120.0, max_retries: int = 2,
-                 judge_attempts: int = 2):
+                 judge_attempts: int = 2, extra_body: Optional[dict[str, Any]] = None):
         self.model = openai_client(model_url, Secret("unused"), timeout_s, max_retries)
         self.judge = openai_client(judge_url, judge_token, timeout_s, max_retries)
         self.model_name, self.judge_model = model_name, judge_model
         self.max_tokens, self.judge_attempts = max_tokens, judge_attempts
+        self.extra_body = extra_body  # e.g. {"steer_attributes": {...}} for a SteerLM model
 
     def answer(self, messages: list[dict[str, Any]]) -> str:
         reply = self.model.chat.completions.create(model=self.model_name, messages=messages, temperature=0,
-                                                   max_tokens=self.max_tokens, seed=0)
+                                                   max_tokens=self.max_tokens, seed=0, extra_body=self.extra_body)
         return (reply.choices[0].message.content or "") if reply.choices else ""
 
     def judge_value(self, prompt: str, parse: Callable[[str], Any]) -> tuple[Any, str]:
