@@ -11,6 +11,7 @@ import pytest
 
 from bpo_ray.evaluate.benchmarks import alpaca_eval, mtbench
 from bpo_ray.world import annotator
+from test_world_judge import small_world  # noqa: F401  (fixture)
 
 SCENE = "There is a blue pen in the center. There are two red cups, at the top and on the left."
 Q = mtbench.Question("7", "count", (f"{SCENE} Is there a pen in the image?", "How many cups are there?"),
@@ -116,3 +117,51 @@ def test_world_annotator_picks_the_better_output_in_either_order():
         assert alpaca_eval.model_preference(alpaca_eval.parse_verdict(reply.text), first) == 1.0
     tie = annotator.answer_prompt(alpaca_eval.judge_prompt(instr, "The pen yes.", "The pen yes.", True)).text
     assert alpaca_eval.parse_verdict(tie) == "tie"
+
+
+# ---------------------------------------------------------------------------------------------
+# Through the served model and the judge proxy (official openai client), the world annotator upstream
+
+
+@pytest.mark.slow
+def test_text_benchmarks_through_served_model_and_judge_proxy(tiny_models, small_world, tmp_path, monkeypatch):
+    from bpo_ray.config import load_config
+    from bpo_ray.config.serve import JudgeProxyConfig
+    from bpo_ray.evaluate.judge import Secret
+    from bpo_ray.evaluate.text_bench import Endpoints, answer_instructions, run_alpaca_eval, run_mtbench
+    from bpo_ray.serving.judge_proxy import create_judge_app
+    from bpo_ray.serving.standalone import create_standalone_app
+    from bpo_ray.world.judge_server import SceneIndex, create_app
+    from test_world_judge import Server
+
+    monkeypatch.setenv("BPO_TEST_TB_TOKENS", "bench:tok-text-bench-1")
+    cfg = load_config("tiny", [f"models.mllm={tiny_models['mllm']}", "models.device=cpu",
+                               "serve.model.max_tokens=32", "serve.model.max_prompt_tokens=400"])
+    questions = [mtbench.parse_question(r) for r in mtbench.world_questions(3, seed=1)]
+    with Server(create_app(SceneIndex(str(small_world)))) as annotator_url, \
+            Server(create_standalone_app(cfg)) as model_url:
+        proxy_cfg = JudgeProxyConfig(upstream_base_url=f"{annotator_url}/v1", upstream_key_env="BPO_TEST_TB_NO_KEY",
+                                     client_tokens_env="BPO_TEST_TB_TOKENS", cache_path=str(tmp_path / "c.sqlite"))
+        with Server(create_judge_app(proxy_cfg, prefix="/judge/v1")) as proxy_url:
+            ep = Endpoints(f"{model_url}/v1", "base", f"{proxy_url}/judge/v1", Secret("tok-text-bench-1"),
+                           max_tokens=12)
+            for mode in ("none", "random"):
+                metrics, details = run_mtbench(questions, ep, image_mode=mode, seed=1, workers=2)
+                assert metrics["n_errors"] == 0 and metrics["n_turns_graded"] == 6 and metrics["n_unparsed"] == 0
+                assert all(1 <= r <= 10 for d in details for r in d["ratings"]) and metrics["image_mode"] == mode
+                # each rating is what the annotator gives the model's own answers
+                for q, d in zip(questions, details):
+                    for t in (0, 1):
+                        text = annotator.answer_prompt(mtbench.judge_prompt(q, d["answers"], t)).text
+                        assert mtbench.parse_rating(text) == d["ratings"][t]
+            # AlpacaEval against the model's own outputs: identical greedy outputs, every verdict a tie
+            ref = tmp_path / "ref.json"
+            answer_instructions([q.turns[0] for q in questions], ep, "base", str(ref))
+            items = alpaca_eval.load_reference(str(ref)).items
+            metrics, _ = run_alpaca_eval(items, ep, seed=1, workers=2)
+            assert metrics["n_judged"] == 3 and metrics["ties"] == 3 and metrics["win_rate"] == 50.0
+            # a judge token the proxy does not know: every item is an error, counted, none scored
+            bad = Endpoints(f"{model_url}/v1", "base", f"{proxy_url}/judge/v1", Secret("wrong"), max_retries=0,
+                            max_tokens=12)
+            metrics, details = run_mtbench(questions[:1], bad, workers=1)
+            assert metrics["n_errors"] == 1 and metrics["n_turns_graded"] == 0 and details[0]["error"] == "http_401"
