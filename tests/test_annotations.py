@@ -218,3 +218,27 @@ def test_subsample_is_nested_and_seeded():
     assert set(ann.subsample(table, 0.5, seed=4).column("id").to_pylist()) != half
     with pytest.raises(ValueError):
         ann.subsample(table, 0, seed=0)
+
+
+def test_derive_cli_writes_sets_with_accounting_and_refuses_bad_input(tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    from bpo_ray.generate.derive import main
+    from bpo_ray.schemas import read_manifest
+
+    src = tmp_path / "gen" / "annotations"
+    src.mkdir(parents=True)
+    pq.write_table(_annotation_table(), src / "shard-00000.parquet")
+    assert main(["--annotations", str(tmp_path / "gen"), "--method", "rejection_sampling", "--out", str(tmp_path / "rs")]) == 0
+    m = read_manifest(str(tmp_path / "rs" / "manifest.json"))
+    assert (m.counts.items_in, m.counts.paired, m.counts.filtered, m.counts.pairs_written) == (3, 3, 0, 3)
+    assert main(["--annotations", str(src), "--method", "dpo", "--min-gap", "2", "--out", str(tmp_path / "dpo")]) == 0
+    m = read_manifest(str(tmp_path / "dpo" / "manifest.json"))
+    assert (m.counts.paired, m.counts.filtered) == (2, 1)  # item 1 has no 2-point gap
+    assert read_parquet(str(tmp_path / "dpo" / "pairs"), PAIR_SCHEMA).num_rows == 2
+    capsys.readouterr()
+    assert main(["--annotations", str(tmp_path / "none"), "--method", "steerlm", "--out", str(tmp_path / "x")]) == 2
+    assert "no annotations at" in capsys.readouterr().err
+    assert main(["--annotations", str(src), "--method", "dpo", "--fraction", "0", "--out", str(tmp_path / "x")]) == 2
+    assert main(["--annotations", str(src), "--method", "judge_answer", "--out", str(tmp_path / "x")]) == 2
+    assert "needs --judge-url" in capsys.readouterr().err
