@@ -91,11 +91,11 @@ def text_benchmarks(model_url: str, judge_url: str, model: str, questions, refer
 
     ep = Endpoints(model_url, model, judge_url, Secret(client_token()), judge_model="bias-world-annotator",
                    max_tokens=48, extra_body={"steer_attributes": STEER} if steer else None)
-    out = {}
+    out, details = {}, {}
     for mode in ("none", "blank", "random"):
-        out[f"mtbench_{mode}"], _ = run_mtbench(questions, ep, image_mode=mode, seed=seed)
-    out["alpaca_eval"], _ = run_alpaca_eval(reference, ep, seed=seed)
-    return out
+        out[f"mtbench_{mode}"], details[f"mtbench_{mode}"] = run_mtbench(questions, ep, image_mode=mode, seed=seed)
+    out["alpaca_eval"], details["alpaca_eval"] = run_alpaca_eval(reference, ep, seed=seed)
+    return out, details
 
 
 def main(argv=None) -> int:
@@ -197,8 +197,11 @@ def main(argv=None) -> int:
                 base_ep = Endpoints(f"{url}/v1", "base", f"{url}/judge/v1", Secret(""), max_tokens=48)
                 answer_instructions([q.turns[0] for q in questions], base_ep, "base", str(ref_file))
             reference = alpaca_eval.load_reference(str(ref_file)).items
-            text = {m: text_benchmarks(f"{url}/v1", f"{url}/judge/v1", m, questions, reference, args.seed,
-                                       steer=m == "steerlm") for m in names}
+            text = {}
+            for m in names:
+                text[m], details = text_benchmarks(f"{url}/v1", f"{url}/judge/v1", m, questions, reference,
+                                                   args.seed, steer=m == "steerlm")
+                (out / "text" / f"details_{m}.json").write_text(json.dumps(details, indent=1))
             (out / "text" / "metrics.json").write_text(json.dumps(text, indent=1))
             timings["text benchmarks"] = round(time.time() - t0, 1)
 
