@@ -42,7 +42,32 @@ QUARANTINE_SCHEMA = pa.schema([
     pa.field("raw", pa.string(), nullable=False),
 ])
 
-STRATEGIES = ("image_weakened", "error_injection", "judge_ranked", "on_policy")
+STRATEGIES = ("image_weakened", "error_injection", "judge_ranked", "on_policy",
+              "rejection_sampling", "steerlm", "judge_answer")  # the last three: SFT sets of Li et al. 2024
+
+HELPSTEER_ATTRIBUTES = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
+"""HelpSteer's five attributes (Li et al. 2024, section 2.5 table), each rated 0-4."""
+
+ANNOTATION_SCHEMA = pa.schema([
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("source", pa.string(), nullable=False),
+    pa.field("source_id", pa.string(), nullable=False),
+    pa.field("image", pa.string(), nullable=False),
+    pa.field("image_sha256", pa.string(), nullable=False),
+    pa.field("prompt", pa.string(), nullable=False),
+    pa.field("question", pa.string(), nullable=False),
+    pa.field("reference", pa.string(), nullable=False),
+    pa.field("completion_index", pa.int32(), nullable=False),
+    pa.field("completion", pa.string(), nullable=False),
+    *[pa.field(a, pa.float64(), nullable=False) for a in HELPSTEER_ATTRIBUTES],
+    pa.field("reasoning", pa.string(), nullable=False),
+    pa.field("judge_model", pa.string(), nullable=False),
+    pa.field("generator", pa.string(), nullable=False),
+    pa.field("sampling", pa.string(), nullable=False),
+    pa.field("seed", pa.int64(), nullable=False),
+])
+"""Li et al. 2024's annotation dataset (``OUT/annotations/*.parquet`` of the ``judge_ranked`` strategy):
+one row per sampled completion with the judge's five ratings and its reasoning for that completion."""
 
 
 class SchemaError(ValueError):
@@ -94,6 +119,18 @@ def pairs_table(rows: Iterable[dict[str, Any]]) -> pa.Table:
     return check_pairs(pa.table(cols, schema=_nullable(PAIR_SCHEMA)))
 
 
+def annotations_table(rows: Iterable[dict[str, Any]]) -> pa.Table:
+    """Build a checked ``ANNOTATION_SCHEMA`` table; ratings must lie in 0-4."""
+    rows = list(rows)
+    cols = {f.name: [r.get(f.name) for r in rows] for f in ANNOTATION_SCHEMA}
+    table = check_table(pa.table(cols, schema=_nullable(ANNOTATION_SCHEMA)), ANNOTATION_SCHEMA, "annotations")
+    for a in HELPSTEER_ATTRIBUTES:
+        bad = [v for v in table.column(a).to_pylist() if not 0 <= v <= 4]
+        if bad:
+            raise SchemaError(f"annotations: {a} values outside 0-4: {bad[:5]}")
+    return table
+
+
 def quarantine_table(rows: Iterable[dict[str, Any]]) -> pa.Table:
     rows = list(rows)
     cols = {f.name: [r.get(f.name) for r in rows] for f in QUARANTINE_SCHEMA}
@@ -129,6 +166,7 @@ class ManifestCounts(BaseModel):
     filtered: int = 0
     quarantined: int = 0
     pairs_written: int = 0
+    annotations_written: int = 0
     by_reason: dict[str, int] = Field(default_factory=dict)
     by_strategy: dict[str, int] = Field(default_factory=dict)
 

@@ -118,7 +118,9 @@ class JudgeServer:
 
     helpfulness = min(4, words // 2); correctness = 4 * share of the reference's content words
     present; coherence = 4 * share of alphabetic characters plus a fixed per-text jitter (so that
-    the gibberish of random-init test models still spreads over the scale). ``mode`` = "ok" | "garbage" | "error".
+    the gibberish of random-init test models still spreads over the scale); complexity = distinct
+    words // 3, verbosity = characters // 20 complete HelpSteer's five attributes.
+    ``mode`` = "ok" | "garbage" | "error" | "flaky" (the first reply of every prompt is garbage).
     Every scored response is recorded so tests can check the pairs against the judge's scores.
     """
 
@@ -126,6 +128,7 @@ class JudgeServer:
         self.mode = mode
         self.expect_key = expect_key
         self.scored: dict[str, float] = {}
+        self.seen: set[str] = set()
         self.calls = 0
         self.bad_auth = 0
         server = self
@@ -167,16 +170,19 @@ class JudgeServer:
         overlap = sum((ref & got).values()) / max(1, sum(ref.values()))
         alpha = sum(c.isalpha() for c in response) / max(1, len(response))
         return {"helpfulness": min(4, len(words) // 2), "correctness": round(4 * overlap),
-                "coherence": min(4, round(4 * alpha) + sum(map(ord, response)) % 3)}
+                "coherence": min(4, round(4 * alpha) + sum(map(ord, response)) % 3),
+                "complexity": min(4, len(set(words)) // 3), "verbosity": min(4, len(response) // 20)}
 
     def reply(self, prompt: str) -> str:
-        if self.mode == "garbage":
+        first_time = prompt not in self.seen
+        self.seen.add(prompt)
+        if self.mode == "garbage" or (self.mode == "flaky" and first_time):
             return "I think they are all fine."
         reference = re.search(r"\[Reference answer\]\n(.*?)\n\[End of reference answer\]", prompt, re.S).group(1)
         responses = [m.group(2) for m in re.finditer(r"\[Response (\d+)\]\n(.*?)\n\[End of Response \1\]", prompt, re.S)]
         scores = [self.score(reference, r) for r in responses]
         for r, s in zip(responses, scores):
-            self.scored[r] = float(sum(s.values()))
+            self.scored[r] = float(s["helpfulness"] + s["correctness"] + s["coherence"])
         return "Reasoning: compared each response with the reference.\n" + json.dumps({"scores": scores})
 
     def close(self) -> None:

@@ -108,7 +108,11 @@ class JudgeRankedConfig(StrictModel):
     sampling: JudgeSamplingConfig = JudgeSamplingConfig()
     send_image: bool = Field(True, description="attach the image as a data URL (vision judges)")
     timeout_s: float = Field(60.0, gt=0)
-    max_retries: int = Field(3, ge=0)
+    max_retries: int = Field(3, ge=0, description="transport retries (connection errors, 429, 5xx) by the openai client")
+    parse_retries: int = Field(1, ge=0, description="ask again when a reply has no usable ratings")
+    draw: Literal["among_worse", "any_other"] = Field(
+        "among_worse", description="rejected answer: random among those >= min_score_gap below the best, or "
+        "random among all others and kept only with the gap (seed 002 section 3.2 read literally)")
     pool: PoolConfig = PoolConfig()
 
 

@@ -6,6 +6,16 @@ rates each for helpfulness, correctness and coherence (HelpSteer's 0-4 scale); t
 their sum; the preferred answer is the top-scoring one and the rejected one is drawn at random
 among those at least ``min_score_gap`` points lower. The judge is any OpenAI-compatible
 endpoint (the project's judge proxy, vLLM, OpenAI); its key comes from the environment only.
+
+The judge is asked the way section 3.1 describes (HelpSteer's labelling guide, zero-shot
+chain-of-thought: reasoning for each response, then its ratings) for all five HelpSteer attributes
+(helpfulness, correctness, coherence, complexity, verbosity). Every rated completion is kept as a
+row of the annotation dataset (``OUT/annotations/*.parquet``, ``bpo_ray.schemas.ANNOTATION_SCHEMA``);
+the pair is derived from those rows (``choose_pair``), and ``bpo_ray.generate.annotations`` derives
+the same pairs, and the SFT sets of rejection sampling and SteerLM, from the stored dataset.
+A reply without usable ratings is asked again up to ``parse_retries`` times (counted as
+``judge.retry``); transport failures are retried by the ``openai`` client (``max_retries``); an
+item whose judge never answers usably is quarantined (``judge_unparsable`` / ``judge_error``).
 """
 
 from __future__ import annotations
@@ -25,18 +35,22 @@ from bpo_ray.generate.backends import MLLMRunner, worker_env_defaults
 from bpo_ray.generate.rows import decoded_batch, rows_by_group, sampling_record, with_column
 from bpo_ray.generate.seeds import derive_seed, sampling_seed
 from bpo_ray.images import to_data_url
+from bpo_ray.schemas import HELPSTEER_ATTRIBUTES
 from bpo_ray.serving.judge.client import CLIENT_TOKEN_ENV, judge_client
 
 STRATEGY = "judge_ranked"
 COLUMN = f"neg_{STRATEGY}"
-METRICS = ("helpfulness", "correctness", "coherence")
+METRICS = ("helpfulness", "correctness", "coherence")  # summed into seed 002's aggregate
+ATTRIBUTES = HELPSTEER_ATTRIBUTES                        # all five are rated and stored
 MAX_SCORE = 4.0
 
 JUDGE_SYSTEM = "You are a careful annotator rating answers about an image."
-JUDGE_TEMPLATE = """Rate each response to the question about the image on three metrics, each an integer from 0 (worst) to 4 (best):
-- helpfulness: does the response fully address the question's request?
-- correctness: is the information accurate and relevant to the image, free of errors or hallucinated content?
-- coherence: is the response clear and logically consistent?
+JUDGE_TEMPLATE = """Rate each response to the question about the image on five attributes, each an integer from 0 (lowest) to 4 (highest), following the HelpSteer annotation guidelines:
+- helpfulness: how well the response fully addresses the question's request.
+- correctness: is the information accurate and relevant to the image, free of errors, misinformation or hallucinated content?
+- coherence: is the response clear and logically consistent, without repetition or contradictions?
+- complexity: the sophistication of the language and structure, from simple words (0) to expert-level prose (4).
+- verbosity: how long the response is relative to what the question needs, from terse (0) to very long (4).
 A reference answer written by a human annotator who saw the image is given; use it to judge correctness.
 
 [Question]
@@ -49,8 +63,8 @@ A reference answer written by a human annotator who saw the image is given; use 
 
 {responses}
 
-Think step by step about each response, then end your reply with one line of JSON exactly like
-{{"scores": [{{"helpfulness": 0, "correctness": 0, "coherence": 0}}, ...]}}
+Think step by step: for each response, write your reasoning, calibrate the ratings against the other responses, then end your reply with one line of JSON exactly like
+{{"scores": [{{"reasoning": "...", "helpfulness": 0, "correctness": 0, "coherence": 0, "complexity": 0, "verbosity": 0}}, ...]}}
 with one object per response, in order ({n} objects)."""
 
 
@@ -67,11 +81,17 @@ class JudgeScore:
     helpfulness: float
     correctness: float
     coherence: float
+    complexity: Optional[float] = None
+    verbosity: Optional[float] = None
+    reasoning: str = ""
 
     @property
     def total(self) -> float:
         """Li et al. 2024's aggregate: the sum of helpfulness, correctness and coherence."""
         return self.helpfulness + self.correctness + self.coherence
+
+    def ratings(self) -> dict[str, Optional[float]]:
+        return {a: getattr(self, a) for a in ATTRIBUTES}
 
 
 def judge_messages(question: str, reference: str, responses: Sequence[str],
@@ -87,8 +107,13 @@ def judge_messages(question: str, reference: str, responses: Sequence[str],
 _SCORES_START = re.compile(r"\{\s*\"scores\"\s*:")
 
 
-def parse_scores(reply: str, n: int) -> list[JudgeScore]:
-    """The last ``{"scores": [...]}`` object in ``reply``: exactly ``n`` entries, each metric in 0-4."""
+def parse_scores(reply: str, n: int, attributes: Sequence[str] = METRICS) -> list[JudgeScore]:
+    """The last ``{"scores": [...]}`` object in ``reply``: exactly ``n`` entries, each of
+    ``attributes`` a number in 0-4. An entry's ``"reasoning"`` string (optional) is kept; without
+    one, the text before the JSON (the judge's step-by-step monologue) stands in for it."""
+    unknown = set(attributes) - set(ATTRIBUTES)
+    if unknown or not set(METRICS) <= set(attributes):
+        raise ValueError(f"attributes must include {METRICS} and be among {ATTRIBUTES}, got {attributes}")
     decoder = json.JSONDecoder()
     for m in reversed(list(_SCORES_START.finditer(reply or ""))):
         try:
@@ -98,27 +123,41 @@ def parse_scores(reply: str, n: int) -> list[JudgeScore]:
         entries = obj.get("scores")
         if not isinstance(entries, list) or len(entries) != n:
             raise JudgeError("judge_unparsable", f"expected {n} scores, got {entries!r:.200}")
+        monologue = reply[:m.start()].strip()
         scores = []
         for e in entries:
             if not isinstance(e, dict):
                 raise JudgeError("judge_unparsable", f"score entry {e!r:.100} is not an object")
-            vals = []
-            for k in METRICS:
+            vals = {}
+            for k in attributes:
                 v = e.get(k)
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= MAX_SCORE:
                     raise JudgeError("judge_unparsable", f"{k}={v!r} is not a number in 0-{MAX_SCORE:g}")
-                vals.append(float(v))
-            scores.append(JudgeScore(*vals))
+                vals[k] = float(v)
+            why = e.get("reasoning")
+            scores.append(JudgeScore(**vals, reasoning=why.strip() if isinstance(why, str) and why.strip()
+                                     else monologue))
         return scores
     raise JudgeError("judge_unparsable", "no {\"scores\": [...]} object in the reply")
 
 
-def choose_pair(totals: Sequence[float], min_gap: float, seed: int) -> Optional[tuple[int, int]]:
-    """``(best, rejected)`` indices: the top total (first on ties) and a seeded random choice among
-    answers at least ``min_gap`` below it; ``None`` when no answer is clearly worse."""
+def choose_pair(totals: Sequence[float], min_gap: float, seed: int,
+                draw: str = "among_worse") -> Optional[tuple[int, int]]:
+    """``(best, rejected)`` indices, or ``None`` when there is no pair.
+
+    The best is the top total (first on ties). ``draw="among_worse"``: a seeded random choice among
+    the answers at least ``min_gap`` below it. ``draw="any_other"`` (seed 002 section 3.2 read
+    literally): a seeded random choice among all other answers, the pair kept only when the gap
+    is at least ``min_gap``.
+    """
+    if draw not in ("among_worse", "any_other"):
+        raise ValueError(f"draw must be 'among_worse' or 'any_other', got {draw!r}")
     if len(totals) < 2:
         return None
     best = max(range(len(totals)), key=lambda i: (totals[i], -i))
+    if draw == "any_other":
+        other = random.Random(seed).choice([i for i in range(len(totals)) if i != best])
+        return (best, other) if totals[best] - totals[other] >= min_gap else None
     worse = [i for i in range(len(totals)) if i != best and totals[best] - totals[i] >= min_gap]
     if not worse:
         return None
@@ -135,17 +174,28 @@ class JudgeClient:
         self.model = model
 
     def score(self, question: str, reference: str, responses: Sequence[str],
-              image_data_url: Optional[str] = None) -> list[JudgeScore]:
+              image_data_url: Optional[str] = None, attributes: Sequence[str] = METRICS) -> list[JudgeScore]:
+        return self.score_with_retries(question, reference, responses, image_data_url, attributes)[0]
+
+    def score_with_retries(self, question: str, reference: str, responses: Sequence[str],
+                           image_data_url: Optional[str] = None, attributes: Sequence[str] = METRICS,
+                           parse_retries: int = 0) -> tuple[list[JudgeScore], int]:
+        """Scores and how many times an unusable reply was asked again (at most ``parse_retries``)."""
         import openai
 
-        try:
-            reply = self.client.chat.completions.create(
-                model=self.model, temperature=0,
-                messages=judge_messages(question, reference, responses, image_data_url))
-        except openai.OpenAIError as exc:
-            raise JudgeError("judge_error", type(exc).__name__) from exc
-        text = reply.choices[0].message.content if reply.choices else ""
-        return parse_scores(text or "", len(responses))
+        messages = judge_messages(question, reference, responses, image_data_url)
+        for attempt in range(parse_retries + 1):
+            try:
+                reply = self.client.chat.completions.create(model=self.model, temperature=0, messages=messages)
+            except openai.OpenAIError as exc:
+                raise JudgeError("judge_error", type(exc).__name__) from exc
+            text = reply.choices[0].message.content if reply.choices else ""
+            try:
+                return parse_scores(text or "", len(responses), attributes), attempt
+            except JudgeError:
+                if attempt == parse_retries:
+                    raise
+        raise AssertionError("unreachable")
 
 
 class JudgeRankedSampler:
@@ -211,15 +261,20 @@ class JudgeRankedSampler:
         texts = [t for t, _ in samples]
         url = to_data_url(image) if self.cfg.send_image else None
         try:
-            scores = self.judge.score(str(batch["question"][i]), str(batch["answer"][i]), texts, url)
+            scores, retries = self.judge.score_with_retries(str(batch["question"][i]), str(batch["answer"][i]),
+                                                            texts, url, ATTRIBUTES, self.cfg.parse_retries)
         except JudgeError as exc:
             return {"failed": exc.reason}
+        annotations = [{"completion_index": k, "completion": text, **s.ratings(), "reasoning": s.reasoning,
+                        "seed": seed} for k, (s, (text, seed)) in enumerate(zip(scores, samples))]
+        extra = {"annotations": annotations, "judge_model": self.cfg.judge_model, "generator": self.model_uri,
+                 "annotation_sampling": self.provenance, "judge_retries": retries}
         totals = [s.total for s in scores]
-        pick = choose_pair(totals, self.cfg.min_score_gap, derive_seed(self.seed, "pick", str(batch["item_id"][i])))
+        pick = choose_pair(totals, self.cfg.min_score_gap, derive_seed(self.seed, "pick", str(batch["item_id"][i])),
+                           self.cfg.draw)
         if pick is None:
-            return {"filtered": "no_score_gap"}
+            return {"filtered": "no_score_gap", **extra}
         best, worse = pick
         return {"chosen": texts[best], "text": texts[worse], "noise_step": None, "seed": samples[worse][1],
-                "generator": self.model_uri,
                 "sampling": {**self.provenance, "chosen_score": totals[best], "rejected_score": totals[worse],
-                             "scores": totals}}
+                             "scores": totals}, **extra}

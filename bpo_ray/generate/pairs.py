@@ -13,6 +13,9 @@ also their own prompt: the item's prompt plus the shared grounded prefix). Degen
 - ``length_ratio``: word counts (floored at ``length_floor_words``) differ by more than
   ``max_length_ratio`` times.
 
+Judge-ranked negatives also carry the item's annotations (every rated completion, seed 002's
+annotation dataset); they are passed on as ``annotation_row`` rows whether or not a pair survives.
+
 Each item ends in exactly one outcome: ``paired`` (at least one pair), ``filtered`` (negatives
 were generated, all dropped) or ``quarantined`` (bad input, or no negative could be generated).
 """
@@ -27,7 +30,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from bpo_ray.config.generate import FilterConfig
-from bpo_ray.schemas import pair_id
+from bpo_ray.schemas import HELPSTEER_ATTRIBUTES, pair_id
 
 _WORD = re.compile(r"[^\W_]+", re.UNICODE)
 
@@ -86,13 +89,30 @@ def pair_row(item: dict[str, Any], strategy: str, negative: dict[str, Any], chos
     }
 
 
+def annotation_row(item: dict[str, Any], negative: dict[str, Any], ann: dict[str, Any]) -> dict[str, Any]:
+    """One row of ``ANNOTATION_SCHEMA``: a rated completion of ``item`` with its provenance."""
+    sampling = json.dumps(negative["annotation_sampling"], sort_keys=True)
+    params = {"completion_index": ann["completion_index"], "generator": negative["generator"],
+              "judge_model": negative["judge_model"], "sampling": sampling, "seed": ann["seed"]}
+    return {
+        "id": pair_id(item["item_id"], "annotation", params), "source": item["source"],
+        "source_id": item["item_id"], "image": item["image_uri"], "image_sha256": item["image_sha256"],
+        "prompt": item["llava_prompt"], "question": item["question"], "reference": item["answer"],
+        **{k: ann[k] for k in ("completion_index", "completion", *HELPSTEER_ATTRIBUTES, "reasoning", "seed")},
+        "judge_model": negative["judge_model"], "generator": negative["generator"], "sampling": sampling,
+    }
+
+
 def item_outcome(item: dict[str, Any], strategies: Sequence[str], cfg: FilterConfig) -> dict[str, Any]:
-    """``{"outcome", "pairs", "quarantine", "reasons"}`` for one item row (reasons are counted)."""
+    """``{"outcome", "pairs", "annotations", "quarantine", "reasons"}`` for one item row (reasons
+    are counted)."""
     if item["status"] != "ok":
-        return {"outcome": "quarantined", "pairs": [], "reasons": [f"quarantine.{item['reason']}"],
+        return {"outcome": "quarantined", "pairs": [], "annotations": [],
+                "reasons": [f"quarantine.{item['reason']}"],
                 "quarantine": {"source_id": item["item_id"], "stage": item["stage"] or "read",
                                "reason": item["reason"], "raw": item.get("raw") or ""}}
     pairs: list[dict] = []
+    annotations: list[dict] = []
     reasons: list[str] = []
     failures: list[tuple[str, str]] = []
     generated = 0
@@ -106,6 +126,8 @@ def item_outcome(item: dict[str, Any], strategies: Sequence[str], cfg: FilterCon
                 failures.append((strategy, neg["failed"]))
                 continue
             generated += 1
+            annotations += [annotation_row(item, neg, a) for a in neg.get("annotations", ())]
+            reasons += ["judge.retry"] * int(neg.get("judge_retries", 0))
             if "filtered" in neg:
                 reasons.append(f"filter.{neg['filtered']}")
                 continue
@@ -118,12 +140,13 @@ def item_outcome(item: dict[str, Any], strategies: Sequence[str], cfg: FilterCon
                 pairs.append(pair_row(item, strategy, neg, chosen))
     if not generated:
         stage, reason = failures[0] if failures else ("generate", "no_negative_generated")
-        return {"outcome": "quarantined", "pairs": [], "reasons": [f"quarantine.{reason}"],
+        return {"outcome": "quarantined", "pairs": [], "annotations": [], "reasons": [f"quarantine.{reason}"],
                 "quarantine": {"source_id": item["item_id"], "stage": stage, "reason": reason,
                                "raw": json.dumps({"question": item["question"], "answer": item["answer"],
                                                   "image": item["image_uri"]})}}
     reasons += [f"failed.{reason}" for _, reason in failures]
-    return {"outcome": "paired" if pairs else "filtered", "pairs": pairs, "quarantine": None, "reasons": reasons}
+    return {"outcome": "paired" if pairs else "filtered", "pairs": pairs, "annotations": annotations,
+            "quarantine": None, "reasons": reasons}
 
 
 def build_outcomes(batch: dict[str, np.ndarray], strategies: Sequence[str], filters: dict) -> dict[str, Any]:

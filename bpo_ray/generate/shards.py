@@ -3,6 +3,7 @@
 Layout under ``--out`` (local or s3://)::
 
     pairs/shard-00003.parquet        PAIR_SCHEMA rows of shard 3 (absent if it has none)
+    annotations/shard-00003.parquet  ANNOTATION_SCHEMA rows (judge_ranked's rated completions; absent if none)
     quarantine/shard-00003.parquet   QUARANTINE_SCHEMA rows of shard 3 (absent if none)
     _progress/plan.json              what the run is (config + item ids); a rerun must match it
     _progress/shard-00003.json       done marker: counts and item orders per outcome
@@ -24,7 +25,7 @@ from typing import Any, Iterable, Optional
 import pyarrow.parquet as pq
 
 from bpo_ray import storage
-from bpo_ray.schemas import ManifestCounts, pairs_table, quarantine_table
+from bpo_ray.schemas import ManifestCounts, annotations_table, pairs_table, quarantine_table
 
 PROGRESS = "_progress"
 
@@ -61,7 +62,7 @@ class ShardStore:
 
     def clear(self) -> None:
         """Delete every output of an earlier run under ``out`` (``--restart``)."""
-        for part in ("pairs", "quarantine", PROGRESS, "manifest.json"):
+        for part in ("pairs", "annotations", "quarantine", PROGRESS, "manifest.json"):
             storage.delete(self.uri(part))
 
     def check_or_write_plan(self, plan: dict[str, Any]) -> bool:
@@ -93,10 +94,15 @@ class ShardStore:
         results = sorted(results, key=lambda r: r["order"])
         pairs = [p for r in results for p in r["pairs"]]
         quarantine = [r["quarantine"] for r in results if r["quarantine"]]
+        annotations = [a for r in results for a in r.get("annotations", ())]
         files = []
         if pairs:
             uri = self.uri("pairs", f"{shard_name(shard)}.parquet")
             storage.write_bytes(uri, _parquet_bytes(pairs_table(pairs)))
+            files.append(uri)
+        if annotations:
+            uri = self.uri("annotations", f"{shard_name(shard)}.parquet")
+            storage.write_bytes(uri, _parquet_bytes(annotations_table(annotations)))
             files.append(uri)
         if quarantine:
             uri = self.uri("quarantine", f"{shard_name(shard)}.parquet")
@@ -110,7 +116,7 @@ class ShardStore:
         marker = {
             "shard": shard, "items_in": len(results), "paired": len(outcomes["paired"]),
             "filtered": len(outcomes["filtered"]), "quarantined": len(outcomes["quarantined"]),
-            "pairs_written": len(pairs), "by_reason": dict(sorted(reasons.items())),
+            "pairs_written": len(pairs), "annotations_written": len(annotations), "by_reason": dict(sorted(reasons.items())),
             "by_strategy": dict(sorted(Counter(p["strategy"] for p in pairs).items())),
             "orders": outcomes, "files": files,
         }
@@ -127,12 +133,14 @@ def total_counts(markers: Iterable[dict[str, Any]], expected_items: Optional[int
     totals = {k: 0 for k in keys}
     by_reason: Counter = Counter()
     by_strategy: Counter = Counter()
+    annotations = 0
     for m in markers:
         for k in keys:
             totals[k] += m[k]
+        annotations += m.get("annotations_written", 0)
         by_reason.update(m["by_reason"])
         by_strategy.update(m["by_strategy"])
     if expected_items is not None and totals["items_in"] != expected_items:
         raise RuntimeError(f"shards account for {totals['items_in']} items but the source has {expected_items}")
-    return ManifestCounts(**totals, by_reason=dict(sorted(by_reason.items())),
+    return ManifestCounts(**totals, annotations_written=annotations, by_reason=dict(sorted(by_reason.items())),
                           by_strategy=dict(sorted(by_strategy.items())))

@@ -16,6 +16,7 @@ import numpy as np
 
 from bpo_ray import images as image_io
 from bpo_ray.models.prompts import build_prompt, strip_image_token
+from bpo_ray.models.steerlm import steer_prompt
 from bpo_ray.serving.backends.base import ChatInput, SamplingSpec
 from bpo_ray.serving.errors import APIError
 from bpo_ray.serving.protocol import ChatCompletionRequest, ChatMessage
@@ -175,6 +176,11 @@ class ChatValidator:
         conv = conversation_from_messages(req.messages)
         image = await self.load_image(conv.image_urls[0]) if conv.image_urls else None
         prompt = llava_prompt(conv, with_image=image is not None)
+        if req.steer_attributes is not None:
+            try:
+                prompt = steer_prompt(prompt, req.steer_attributes)
+            except ValueError as exc:
+                raise APIError(400, str(exc), code="bad_steer_attributes", param="steer_attributes") from None
         lim = self.limits
         if len(prompt) > MAX_CHARS_PER_TOKEN * lim.max_prompt_tokens:  # refuse before tokenizing megabytes
             raise APIError(400, f"prompt is {len(prompt)} characters, far over the {lim.max_prompt_tokens}-token limit",

@@ -50,6 +50,10 @@ class ChatCompletionRequest(BaseModel):
     n: int = Field(1, ge=1, le=1, description="one choice per request")
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
+    steer_attributes: Optional[dict[str, int]] = Field(
+        None, description="SteerLM (seed 002): the desired HelpSteer attributes, all five, integers 0-4 "
+        "(helpfulness, correctness, coherence, complexity, verbosity); written into the prompt as the model "
+        "was trained (bpo_ray.models.steerlm). OpenAI clients send it as extra_body")
 
 
 def completion_id() -> str:

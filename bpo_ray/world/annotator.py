@@ -13,8 +13,17 @@ grade follows the written rules of ``bpo_ray.world.grading`` (docs/world.md). Pr
 - MMHal-Bench (the official template's ``### Image Contents`` ... ``### LMM Response to
   Evaluate`` sections) -> an explanation and "Rating: N", N in 0-6.
 - HelpSteer ratings of the ``judge_ranked`` generate strategy (``[Question]``, ``[Reference
-  answer]``, ``[Response i]``) -> the ``{"scores": [...]}`` JSON line.
+  answer]``, ``[Response i]``) -> reasons and the ``{"scores": [...]}`` JSON line; when the prompt
+  lists ``- complexity:`` and ``- verbosity:`` (seed 002's annotation prompt) each entry carries
+  all five attributes and its ``reasoning``.
 - Claim verification (issue #16): the item's image plus exactly ``CLAIM_TEMPLATE`` -> "Yes." / "No.".
+- Direct answers (seed 002's judge-answer SFT): the item's image plus ``DIRECT_ANSWER_TEMPLATE``
+  -> the annotator's own answer in the world's style (``grading.true_answer``).
+- MT-Bench single-answer grading (``bpo_ray.evaluate.benchmarks.mtbench``; turn 1 alone, turn 2
+  in the conversation) of the world's text questions (a caption, then a question about it) ->
+  an explanation and "Rating: [[N]]", N in 1-10 (``grading.mtbench_rating``).
+- AlpacaEval pairwise comparison (``bpo_ray.evaluate.benchmarks.alpaca_eval``) of two outputs for a
+  world text instruction -> "Output (a)", "Output (b)" or "Tie" (``grading.pairwise_key``).
 - CHAIR's object lists (``evaluate.chair.extractor: judge``): the objects a description says are
   present -> "cup, dog" or "none" (the description is the whole input; no scene needed).
 
@@ -36,8 +45,16 @@ CLAIM_TEMPLATE = "Is there {article} {obj} in the image? Answer yes or no."
 the item's image as a ``data:`` URL); the annotator answers "Yes." or "No." from the scene."""
 
 ANNOTATOR_MODEL = "bias-world-annotator"
+
+DIRECT_ANSWER_TEMPLATE = ("Answer the question about the image yourself, as a helpful assistant would.\n\n"
+                          "[Question]\n{question}\n[End of question]")
+"""Seed 002's "SFT on Gemini's answers" baseline asks the judge to answer the question directly
+(``bpo_ray.generate.judge_answers`` sends it with the item's image); the annotator answers from the
+scene in the world's answer style (``grading.true_answer``)."""
 MMVET_RETRY_SUFFIX = "\nPredict the correctness of the answer (digit): "
 
+_DIRECT_ANSWER = re.compile(r"Answer the question about the image yourself, as a helpful assistant would\.\n\n"
+                            r"\[Question\]\n(?P<question>.*)\n\[End of question\]", re.S)
 _CLAIM = re.compile(r"Is there (?:a|an) (?P<obj>.+?) in the image\? Answer yes or no\.")
 _MMVET_HEADER = re.compile(r"\|\s*Ground truth\s*\|\s*Prediction\s*\|\s*Correctness", re.I)
 _LLAVA = re.compile(r"\[Context\]\n(?P<context>.*?)\n\n\[Question\]\n(?P<question>.*?)\n\n"
@@ -50,6 +67,14 @@ _OBJECT_LIST = re.compile(r"List every physical object that the description says
                           r"\nDescription:\n(?P<description>.*)\n\nObjects:\s*$", re.S)
 _HELPSTEER_Q = re.compile(r"\[Question\]\n(?P<question>.*?)\n\[End of question\]", re.S)
 _HELPSTEER_REF = re.compile(r"\[Reference answer\]\n(?P<reference>.*?)\n\[End of reference answer\]", re.S)
+_MT_SINGLE = re.compile(r"\[Question\]\n(?P<question>.*?)\n\n(?:\[The Start of Reference Answer\]\n(?P<ref>.*?)\n"
+                        r"\[The End of Reference Answer\]\n\n)?\[The Start of Assistant's Answer\]\n(?P<answer>.*?)\n"
+                        r"\[The End of Assistant's Answer\]", re.S)
+_MT_MULTI = re.compile(r"### User:\n(?P<q1>.*?)\n\n### Assistant A:\n(?P<a1>.*?)\n\n### User:\n(?P<q2>.*?)\n\n"
+                       r"### Assistant A:\n(?P<a2>.*?)\n\n<\|The End of Assistant A's Conversation with User\|>", re.S)
+_ALPACA = re.compile(r"## Instruction\n(?P<instruction>.*?)\n\n## Output \(a\)\n(?P<a>.*?)\n\n"
+                     r"## Output \(b\)\n(?P<b>.*?)\n\n## Verdict", re.S)
+_FIVE_ATTRIBUTES = re.compile(r"^- complexity:.*^- verbosity:", re.S | re.M)
 _HELPSTEER_RESP = re.compile(r"\[Response (?P<i>\d+)\]\n(?P<text>.*?)\n\[End of Response (?P=i)\]", re.S)
 
 
@@ -64,7 +89,7 @@ class UnknownImage(ValueError):
 @dataclass(frozen=True)
 class Reply:
     text: str
-    protocol: str  # mmvet | llava_bench | mmhal | helpsteer | claim | chair
+    protocol: str  # mmvet | llava_bench | mmhal | helpsteer | claim | chair | answer | mtbench | alpaca_eval
 
 
 def answer_prompt(text: str, scene_of_image: Optional[Callable[[], Optional[SceneTruth]]] = None) -> Reply:
@@ -84,6 +109,21 @@ def answer_prompt(text: str, scene_of_image: Optional[Callable[[], Optional[Scen
             raise UnknownPrompt("a claim-verification prompt needs the item's image (an image_url part)")
         kind = grading.asked_kind(claim["obj"])
         return Reply("Yes." if kind is not None and kind in scene else "No.", "claim")
+    direct = _DIRECT_ANSWER.fullmatch(text.strip())
+    if direct:
+        scene = scene_or_none()
+        if scene is None:
+            raise UnknownPrompt("a direct-answer prompt needs the item's image (an image_url part)")
+        return Reply(grading.true_answer(direct["question"].strip(), scene), "answer")
+    match = _MT_MULTI.search(text)
+    if match:
+        return Reply(_mtbench(match["q1"], match["q2"], match["a2"]), "mtbench")
+    match = _MT_SINGLE.search(text)
+    if match:
+        return Reply(_mtbench(match["question"], None, match["answer"]), "mtbench")
+    match = _ALPACA.search(text)
+    if match:
+        return Reply(_alpaca(match["instruction"], match["a"], match["b"]), "alpaca_eval")
     match = _OBJECT_LIST.search(text)
     if match:
         kinds = sorted(grading.kinds_in(match["description"]))
@@ -99,7 +139,8 @@ def answer_prompt(text: str, scene_of_image: Optional[Callable[[], Optional[Scen
     if _MMVET_HEADER.search(text):
         return Reply(_mmvet(text), "mmvet")
     raise UnknownPrompt("not a judge prompt the world's annotator knows (MM-Vet, LLaVA-Bench, MMHal-Bench, "
-                        "HelpSteer ratings, claim verification, CHAIR object lists)")
+                        "HelpSteer ratings, claim verification, direct answers, MT-Bench, AlpacaEval, "
+                        "CHAIR object lists)")
 
 
 def _mmvet(text: str) -> str:
@@ -143,15 +184,51 @@ def _helpsteer(text: str, scene: Optional[SceneTruth]) -> str:
     q = _HELPSTEER_Q.search(text)
     ref = _HELPSTEER_REF.search(text)
     question = q["question"].strip() if q else ""
+    reference = ref["reference"].strip() if ref else ""
+    five = bool(_FIVE_ATTRIBUTES.search(text))  # the five-attribute prompt of seed 002's annotation job
     responses = [m["text"] for m in sorted(_HELPSTEER_RESP.finditer(text), key=lambda m: int(m["i"]))]
     if scene is not None:
         expected, kinds = grading.expected_from_scene(question, scene), frozenset(scene)
     else:
-        expected, kinds = grading.expected_from_reference(question, ref["reference"] if ref else ""), None
+        expected, kinds = grading.expected_from_reference(question, reference), None
     scores = []
     reasons = []
     for i, response in enumerate(responses, 1):
         grade = grading.grade_answer(expected, response.strip(), kinds)
-        scores.append(grading.helpsteer_scores(grade, response))
-        reasons.append(f"Response {i}: {grading.explain(grade)}")
+        why = grading.explain(grade)
+        if five:
+            ratings = grading.helpsteer_ratings(grade, response, reference)
+            why += (f" It is {grading.word_count(response)} words against the reference's "
+                    f"{grading.word_count(reference)}.")
+            scores.append({"reasoning": why, **ratings})
+        else:
+            scores.append(grading.helpsteer_scores(grade, response))
+        reasons.append(f"Response {i}: {why}")
     return "\n".join(reasons) + "\n" + json.dumps({"scores": scores})
+
+
+def _text_scene(first_turn: str) -> tuple[SceneTruth, str]:
+    """The scene a world text question describes (its caption) and the question after it."""
+    caption, question = grading.split_text_question(first_turn)
+    scene = grading.scene_from_caption(caption) if caption else None
+    if scene is None:
+        raise UnknownPrompt("a text question the annotator grades starts with a caption in the world's grammar")
+    return scene, question
+
+
+def _mtbench(first_turn: str, second_turn: Optional[str], answer: str) -> str:
+    scene, question = _text_scene(first_turn.strip())
+    if second_turn is not None:
+        question = second_turn.strip()
+    grade = grading.grade_answer(grading.expected_from_scene(question, scene), answer.strip(), frozenset(scene))
+    rating = grading.mtbench_rating(grade, answer)
+    return f"{grading.explain(grade)}\nRating: [[{rating}]]"
+
+
+def _alpaca(instruction: str, first: str, second: str) -> str:
+    scene, question = _text_scene(instruction.strip())
+    expected = grading.expected_from_scene(question, scene)
+    keys = [grading.pairwise_key(grading.grade_answer(expected, out.strip(), frozenset(scene)), out)
+            for out in (first, second)]
+    verdict = "Tie" if keys[0] == keys[1] else ("Output (a)" if keys[0] > keys[1] else "Output (b)")
+    return verdict

@@ -279,3 +279,101 @@ def helpsteer_scores(grade: Grade, answer: str) -> dict[str, int]:
     """Li et al. 2024's three HelpSteer attributes, 0-4 each."""
     return {"helpfulness": int(4 * grade.coverage + 0.5), "correctness": int(4 * grade.correctness + 0.5),
             "coherence": coherence(answer, grade.qtype)}
+
+
+def word_count(text: str) -> int:
+    """Words (runs of letters or digits; punctuation is not a word)."""
+    return len(re.findall(r"[^\W_]+", text))
+
+
+def complexity(answer: str) -> int:
+    """HelpSteer complexity 0-4 from the answer's structure: 0 empty; 1 at most two words ("Yes.",
+    "Two cups."); 2 one sentence without a modifier; 3 one sentence with a colour or a position, or
+    several sentences without; 4 several sentences with colours or positions (caption-level prose)."""
+    n = word_count(answer)
+    if not n:
+        return 0
+    if n <= 2:
+        return 1
+    sentences = [x for x in re.findall(r"[^.!?]+", answer) if x.strip()]
+    modified = bool(colours_in(answer) or positions_in(answer))
+    if len(sentences) <= 1:
+        return 3 if modified else 2
+    return 4 if modified else 3
+
+
+def verbosity(answer: str, reference: str) -> int:
+    """HelpSteer verbosity 0-4 from length against the reference answer: with r = answer words /
+    reference words (at least 1), 0 empty, 1 r < 0.5, 2 0.5 <= r <= 1.5, 3 1.5 < r <= 3, 4 r > 3."""
+    n = word_count(answer)
+    if not n:
+        return 0
+    r = n / max(1, word_count(reference))
+    return 1 if r < 0.5 else 2 if r <= 1.5 else 3 if r <= 3 else 4
+
+
+def helpsteer_ratings(grade: Grade, answer: str, reference: str) -> dict[str, int]:
+    """All five HelpSteer attributes (seed 002, section 2.5), 0-4 each: ``helpsteer_scores`` plus
+    ``complexity`` (structure) and ``verbosity`` (length against ``reference``)."""
+    return {**helpsteer_scores(grade, answer), "complexity": complexity(answer),
+            "verbosity": verbosity(answer, reference)}
+
+
+def true_answer(question: str, scene: SceneTruth) -> str:
+    """The annotator's own answer to a question about a scene, in the world's answer style
+    (``bpo_ray.world.scenes``): what the judge-answer SFT baseline of seed 002 trains on.
+
+    existence "The cup yes." / "The dog no."; colour "Red."; count "Two."; position "On the left
+    and at the top."; listing "A red cup and two blue dogs."; anything else the detailed caption.
+    A short question about an absent kind is answered as an existence question.
+    """
+    from bpo_ray.world.scenes import Scene, SceneObject, describe_scene, list_objects
+
+    objects = sorted((SceneObject(kind, colour, p) for kind, (colour, positions) in scene.items() for p in positions),
+                     key=lambda o: vocab.POSITIONS.index(o.position))
+    world_scene = Scene("annotator", tuple(objects))
+    qtype, kind = question_type(question), asked_kind(question)
+    if qtype in SHORT_TYPES and kind is not None:
+        if qtype == "existence" or kind not in scene:
+            return vocab.existence_answer(kind, kind in scene)
+        colour, positions = scene[kind]
+        if qtype == "colour":
+            return colour.capitalize() + "."
+        if qtype == "count":
+            return vocab.COUNT_WORDS[len(positions)].capitalize() + "."
+        phrases = [vocab.POSITION_PHRASES[p] for p in sorted(positions, key=vocab.POSITIONS.index)]
+        joined = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+        return joined[:1].upper() + joined[1:] + "."
+    if not objects:
+        return "There are no objects in the image."
+    return list_objects(world_scene) if qtype == "listing" else describe_scene(world_scene)
+
+
+_LAST_QUESTION = re.compile(r"^(?P<caption>.*?)\s*(?P<question>[^.!?]*\?)\s*$", re.S)
+
+
+def split_text_question(text: str) -> tuple[str, str]:
+    """A world text question (``"<caption> Is there a cup in the image?"``) as (caption, question)."""
+    match = _LAST_QUESTION.match(text.strip())
+    if not match:
+        return "", text.strip()
+    return match["caption"].strip(), match["question"].strip()
+
+
+def mtbench_rating(grade: Grade, answer: str) -> int:
+    """MT-Bench's 1-10 rating of a world text answer: 1 + round(9 x correctness); minus 2 when it is
+    not coherent (``coherence`` < 4: repetition or text outside the world's grammar); at most 3 when
+    it states something false or names an absent object; never below 1."""
+    rating = 1 + int(9 * grade.correctness + 0.5)
+    if coherence(answer, grade.qtype) < 4:
+        rating -= 2
+    if grade.hallucination:
+        rating = min(rating, 3)
+    return max(1, rating)
+
+
+def pairwise_key(grade: Grade, answer: str) -> tuple:
+    """What decides an AlpacaEval comparison in the world: no hallucination first, then
+    correctness, coverage and coherence; equal keys are a tie."""
+    return (not grade.hallucination, round(grade.correctness, 6), round(grade.coverage, 6),
+            coherence(answer, grade.qtype))
