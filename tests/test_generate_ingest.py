@@ -91,16 +91,23 @@ def test_streaming_items_equal_read_source(ray_cluster, world_source, kw):
                 "missing_image_field", "bad_image_type", "missing_answer"} <= set(reasons)
 
 
-def test_blocks_hold_whole_shards(ray_cluster, world_source):
+@pytest.mark.parametrize("shard,group", [(SHARD, GROUP), (10, 4)])
+def test_blocks_are_generation_groups(ray_cluster, world_source, shard, group):
+    """One block per group, as pipeline.group_blocks cuts them (with 10 % 4 = 2: two-row blocks,
+    which still never cut a group)."""
     index = scan_source(str(world_source), str(world_source), chunk_bytes=1500)
     try:
-        for block in index.dataset(SHARD, GROUP).iter_batches(batch_size=None, batch_format="pyarrow"):
-            shards = set(block.column("shard").to_pylist())
+        seen = []
+        for block in index.dataset(shard, group).iter_batches(batch_size=None, batch_format="pyarrow"):
             orders = block.column("order").to_pylist()
-            # a block is one or more whole shards in order, so a generation group is never cut
             assert orders == list(range(orders[0], orders[0] + len(orders)))
-            assert orders[0] % SHARD == 0 and (len(orders) % SHARD == 0 or orders[-1] == index.n_items - 1)
-            assert len(shards) == -(-len(orders) // SHARD)
+            assert len(set(block.column("group").to_pylist())) == 1
+            seen.append(len(orders))
+            if shard % group == 0:  # full groups, but a shard's last item ends its group
+                assert len(orders) == group or orders[-1] == index.n_items - 1
+            else:
+                assert len(orders) <= 2
+        assert sum(seen) == index.n_items
     finally:
         index.close()
 

@@ -21,7 +21,8 @@ per chunk:
    records into item rows and emits whole shards, as Arrow blocks with the ``group`` column of
    ``pipeline.group_blocks``. A shard that starts in a chunk is emitted by that chunk's task,
    reading on into the next chunk(s) if it has to, so generation groups and shards never straddle
-   two tasks, whatever Ray Data schedules. Shards already committed are skipped.
+   two tasks, whatever Ray Data schedules. Shards already committed are skipped. A streaming
+   repartition then cuts the tasks' output into one block per generation group.
 
 The plan check on resume fingerprints the input incrementally: the SHA-256 of every chunk's bytes
 (computed in the scan) and the exact item count, instead of a hash of every item id on the driver.
@@ -32,6 +33,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import math
 import random
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -331,17 +333,28 @@ class SourceIndex:
                                      for i in range(c, last + 1)]})
         return tasks
 
-    def dataset(self, shard_size: int, group_size: int, done: set[int] = frozenset(), num_cpus: float = 0.5):
-        """The lazy Ray Data dataset of the run's item rows (``ITEM_COLUMNS`` + ``group``) not in ``done``."""
+    def dataset(self, shard_size: int, group_size: int, done: set[int] = frozenset(), num_cpus: float = 0.5,
+                runtime_env: Optional[dict] = None):
+        """The lazy Ray Data dataset of the run's item rows (``ITEM_COLUMNS`` + ``group``) not in ``done``,
+        one block per generation group, as ``pipeline.group_blocks`` cuts them.
+
+        An emit task's output is one large block (Ray Data coalesces what a task yields); a streaming
+        repartition cuts it back into group-sized blocks, so items flow to the actor pools and shards
+        commit group by group. The cut starts at each emit block's start, a shard boundary, so it
+        falls on group boundaries (every ``block_rows`` divides both the group and a shard's last,
+        partial group).
+        """
         import ray
 
         tasks = self.emit_tasks(shard_size, done)
         if not tasks:
             raise ValueError("every shard is done; nothing to emit")
         ds = ray.data.from_items([{"task": json.dumps(t)} for t in tasks], override_num_blocks=len(tasks))
-        return ds.map_batches(emit_items, batch_size=1, num_cpus=num_cpus, fn_kwargs=dict(
+        extra = {"runtime_env": runtime_env} if runtime_env else {}
+        ds = ds.map_batches(emit_items, batch_size=1, num_cpus=num_cpus, fn_kwargs=dict(
             registries=self.registries, shard_size=shard_size, group_size=group_size,
-            max_text_chars=self.max_text_chars))
+            max_text_chars=self.max_text_chars), **extra)
+        return ds.repartition(target_num_rows_per_block=block_rows(shard_size, group_size))
 
     def close(self) -> None:
         """Release the id registries (after the dataset has been consumed)."""
@@ -352,10 +365,16 @@ class SourceIndex:
         self.registries = []
 
 
+def block_rows(shard_size: int, group_size: int) -> int:
+    """Rows per item block: the group size, or a divisor of it that also divides a shard's last group."""
+    rest = shard_size % group_size
+    return math.gcd(group_size, rest) if rest else group_size
+
+
 def scan_source(source: str, images_root: Optional[str] = None, max_text_chars: int = 20000,
                 max_items: Optional[int] = None, sample_items: Optional[int] = None, seed: int = 0,
                 chunk_bytes: int = CHUNK_BYTES, id_partitions: int = ID_PARTITIONS,
-                num_cpus: float = 0.5) -> SourceIndex:
+                num_cpus: float = 0.5, runtime_env: Optional[dict] = None) -> SourceIndex:
     """Scan ``source`` with Ray Data (steps 1-3 above) on the current Ray cluster.
 
     Same arguments and same items as ``sources.read_source``; the items themselves come from
@@ -367,11 +386,13 @@ def scan_source(source: str, images_root: Optional[str] = None, max_text_chars: 
         raise ValueError(f"id_partitions must be >= 1, got {id_partitions}")
     files = list_source_files(source)
     chunks = plan_chunks(files, images_root, chunk_bytes)
-    registries = [ray.remote(IdRegistry).options(num_cpus=0).remote() for _ in range(id_partitions)]
+    registries = [ray.remote(IdRegistry).options(num_cpus=0, **({"runtime_env": runtime_env} if runtime_env else {}))
+                  .remote() for _ in range(id_partitions)]
     try:
         ds = ray.data.from_items([{"chunk": json.dumps(asdict(c))} for c in chunks], override_num_blocks=len(chunks))
+        extra = {"runtime_env": runtime_env} if runtime_env else {}
         rows = ds.map_batches(scan_chunks, batch_size=1, num_cpus=num_cpus,
-                              fn_kwargs=dict(registries=registries)).take_all()
+                              fn_kwargs=dict(registries=registries), **extra).take_all()
         rows.sort(key=lambda r: r["index"])
         if [r["index"] for r in rows] != list(range(len(chunks))):
             raise RuntimeError(f"scan returned {len(rows)} of {len(chunks)} chunks")
@@ -396,5 +417,5 @@ def scan_source(source: str, images_root: Optional[str] = None, max_text_chars: 
                        max_text_chars=max_text_chars, registries=registries)
 
 
-__all__ = ["CHUNK_BYTES", "Chunk", "IdRegistry", "ITEM_COLUMNS", "SourceIndex", "emit_items", "plan_chunks",
+__all__ = ["CHUNK_BYTES", "Chunk", "block_rows", "IdRegistry", "ITEM_COLUMNS", "SourceIndex", "emit_items", "plan_chunks",
            "read_chunk", "scan_chunks", "scan_source"]

@@ -31,7 +31,7 @@ from bpo_ray.generate.judge_ranked import JudgeRankedSampler
 from bpo_ray.generate.pairs import build_outcomes
 from bpo_ray.generate.shards import ShardStore, total_counts
 from bpo_ray.generate.ingest import SourceIndex, scan_source
-from bpo_ray.generate.sources import ITEM_COLUMNS
+from bpo_ray.generate.sources import ITEM_COLUMNS, list_source_files
 from bpo_ray.raycluster import worker_runtime_env
 from bpo_ray.schemas import Manifest, library_versions, write_manifest
 
@@ -191,10 +191,12 @@ def run_generate(cfg: BPOConfig, source: str, out: str, images: Optional[str] = 
     if "judge_ranked" in gen.strategies and not gen.judge_ranked.judge_url:
         raise ValueError("strategy judge_ranked needs generate.judge_ranked.judge_url (an OpenAI-compatible base URL)")
     t0 = time.perf_counter()
+    list_source_files(source)  # a missing source is a clear error before any cluster starts
     init_ray(cfg.ray)
     DataContext.get_current().enable_progress_bars = False
+    runtime_env = worker_runtime_env(cfg.numerics)
     index = scan_source(source, images, gen.max_text_chars, gen.max_items, gen.sample_items, gen.seed,
-                        num_cpus=gen.io_num_cpus)
+                        num_cpus=gen.io_num_cpus, runtime_env=runtime_env)
     try:
         n_shards = index.n_shards(gen.shard_size)
         store = ShardStore(out)
@@ -205,7 +207,7 @@ def run_generate(cfg: BPOConfig, source: str, out: str, images: Optional[str] = 
         expected = index.shard_sizes(gen.shard_size, done)
         t_read = time.perf_counter() - t0
         if expected:
-            items = index.dataset(gen.shard_size, generation_group_size(cfg), done, gen.io_num_cpus)
+            items = index.dataset(gen.shard_size, generation_group_size(cfg), done, gen.io_num_cpus, runtime_env)
             _consume(generation_stages(items, cfg), store, expected, gen.progress)
     finally:
         index.close()
