@@ -12,7 +12,9 @@ path with a model-free negative:
 
 and prints the driver's peak RSS, records/s of read + validate and of the whole path, and the
 ratios 1M / 100k. A third run reads the 100k source with the old driver-side reader
-(``sources.read_source``) as the baseline the streaming reader replaces.
+(``sources.read_source``) as the baseline the streaming reader replaces; a fourth times each step's
+CPU cost per item in one process (``time.process_time``: load on a shared box does not change it),
+which is what the cost model in docs/scale.md scales up.
 
     .venv/bin/python bench/scale.py [--sizes 100000,1000000] [--work /tmp/bpo-scale] [--pipeline-max 1000000]
 
@@ -125,6 +127,67 @@ def rule_negatives(batch: dict, seed: int) -> dict:
     return with_column(batch, "neg_error_injection", negs)
 
 
+def cpu_costs(source: str, out: str, n_records: int = 20000) -> dict:
+    """CPU seconds per record of each step, in one process without Ray (``time.process_time``,
+    so a loaded machine slows the wall clock but not these numbers): what a cluster pays per item."""
+    import numpy as np
+    import pyarrow as pa
+
+    from bpo_ray.config.generate import FilterConfig
+    from bpo_ray.generate.image_loader import load_images
+    from bpo_ray.generate.ingest import IdRegistry, chunk_records, plan_chunks, read_chunk
+    from bpo_ray.generate.pairs import build_outcomes
+    from bpo_ray.generate.shards import ShardStore
+    from bpo_ray.generate.sources import count_items, explode_record, screen_record
+
+    chunk = plan_chunks([source], None, 1 << 40)[0]
+    data = read_chunk(chunk)
+    data = b"\n".join(data.splitlines()[:n_records]) + b"\n"
+    cost: dict[str, float] = {}
+    t = time.process_time()
+    reg, entries = IdRegistry(), []
+    for rec, (locator, record, error) in enumerate(chunk_records(chunk, data)):
+        _, rid, bad = screen_record(chunk.stem, locator, record, error)
+        if bad is None:
+            entries.append((rid, rec, count_items(record)))
+    reg.register(entries)
+    reg.resolve()
+    cost["scan (parse, validate, count, register id)"] = time.process_time() - t
+    t = time.process_time()
+    items = []
+    for rec, (locator, record, error) in enumerate(chunk_records(chunk, data)):
+        src, rid, bad = screen_record(chunk.stem, locator, record, error)
+        items += [bad] if bad is not None else explode_record(record, src, chunk.root, 20000, rid)
+    for order, item in enumerate(items):
+        item.update(order=order, shard=order // SHARD, group=order // GROUP)
+    table = pa.Table.from_pylist(items)
+    cost["emit (parse again, explode turns, item rows)"] = time.process_time() - t
+    batches = [{k: np.array(v, dtype=object) for k, v in table.slice(i, GROUP).to_pydict().items()}
+               for i in range(0, table.num_rows, GROUP)]
+    steps = [("load_images (read, decode, hash)", lambda b: load_images(b, max_bytes=1 << 20, keep_bytes=False)),
+             ("rule negative (stand-in for a model)", lambda b: rule_negatives(b, seed=0)),
+             ("build_outcomes (filters, pair rows)", lambda b: build_outcomes(
+                 b, strategies=["error_injection"], filters=FilterConfig().model_dump()))]
+    for name, fn in steps:
+        t = time.process_time()
+        batches = [fn(b) for b in batches]
+        cost[name] = time.process_time() - t
+    t = time.process_time()
+    store = ShardStore(out)
+    store.clear()
+    shard_results: dict[int, list] = {}
+    for b in batches:
+        for order, shard, result in zip(b["order"], b["shard"], b["result"]):
+            res = json.loads(result)
+            res["order"] = int(order)
+            shard_results.setdefault(int(shard), []).append(res)
+    for shard, results in shard_results.items():
+        store.commit(shard, results)
+    cost["driver: decode results, commit shards"] = time.process_time() - t
+    n = len(items)
+    return {"records": n_records, "items": n, "us_per_item": {k: 1e6 * v / n for k, v in cost.items()}}
+
+
 def child(args) -> None:
     """One measured driver: scan (+ emit, + the pair path if ``--pipeline``) of one source."""
     import ray
@@ -141,6 +204,10 @@ def child(args) -> None:
     res: dict = {"records": meta["records"], "expected_items": meta["items"], "mode": args.mode}
     sampler = RssSampler()
     sampler.start()
+    if args.mode == "cpu_costs":
+        res.update(cpu_costs(args.source, args.out))
+        print("RESULT " + json.dumps(res), flush=True)
+        return
     if args.mode == "driver_reader":
         from bpo_ray.generate.sources import read_source
 
@@ -240,6 +307,7 @@ def main() -> None:
     base_n = sizes[0]
     base = run_child(work / f"source-{base_n}" / "train.jsonl", work / "unused", "driver_reader", args.ray_cpus)
     print(f"  driver_reader (old read_source, {base_n}): {json.dumps(base)}", flush=True)
+    costs = run_child(work / f"source-{base_n}" / "train.jsonl", work / "out-cpu", "cpu_costs", args.ray_cpus)
 
     print(f"\n{'run':34s} {'records':>9s} {'items':>9s} {'read+validate s':>16s} {'rec/s':>8s} "
           f"{'whole path s':>13s} {'rec/s':>8s} {'peak RSS MiB':>13s} {'peak anon MiB':>14s}")
@@ -272,8 +340,16 @@ def main() -> None:
     }
     for k, v in ratios.items():
         print(f"  {k:56s} {v:6.2f}x")
-    (work / "bench_scale.json").write_text(json.dumps({"results": results, "driver_reader": base, "ratios": ratios},
-                                                      indent=2))
+    per = costs["us_per_item"]
+    print(f"\nCPU time per item, one process ({costs['items']} items; process_time, load-independent):")
+    for k, v in per.items():
+        print(f"  {k:48s} {v:8.1f} us")
+    workers = sum(v for k, v in per.items() if not k.startswith("driver"))
+    print(f"  {'all worker-side steps':48s} {workers:8.1f} us  -> {1e6 / workers:8.0f} items/s per core")
+    driver = per["driver: decode results, commit shards"]
+    print(f"  {'driver-side step':48s} {driver:8.1f} us  -> {1e6 / driver:8.0f} items/s ceiling of one driver")
+    (work / "bench_scale.json").write_text(json.dumps({"results": results, "driver_reader": base, "ratios": ratios,
+                                                       "cpu_costs": costs}, indent=2))
     print(f"\nresults: {work / 'bench_scale.json'}")
 
 

@@ -178,3 +178,21 @@ def test_id_registry_keeps_the_first_position_whatever_the_arrival_order():
     assert delta == {3: 1 - 2, 2: 1 - 4}
     assert reg.duplicates(3) == [1] and reg.duplicates(2) == [0] and reg.duplicates(1) == []
     assert reg.stats() == {"ids": 2, "duplicated_ids": 1}
+
+
+def test_ingest_config_is_validated_and_kept_out_of_the_plan():
+    from bpo_ray.config import load_config
+    from bpo_ray.generate.ingest import SourceIndex
+    from bpo_ray.generate.pipeline import _plan
+
+    with pytest.raises(Exception, match="chunk_mb"):
+        load_config("tiny", ["generate.ingest.chunk_mb=0"])
+    with pytest.raises(Exception, match="id_partitions"):
+        load_config("tiny", ["generate.ingest.id_partitions=0"])
+    index = SourceIndex(source="s.jsonl", files=["s.jsonl"], chunks=[], chunk_items=[], chunk_lines=[],
+                        chunk_sha256=[], n_source_items=0, keep=None, n_items=0, chunk_bytes=1 << 23,
+                        max_text_chars=20000)
+    plans = [_plan(load_config("tiny", [f"generate.ingest.id_partitions={n}"]), "s.jsonl", None, index)
+             for n in (1, 4)]
+    assert plans[0] == plans[1] and "ingest" not in plans[0]["generate"]
+    assert plans[0]["chunk_bytes"] == 1 << 23 and "source_sha256" in plans[0]

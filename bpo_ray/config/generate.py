@@ -120,6 +120,14 @@ class FilterConfig(StrictModel):
     require_content_change: bool = True
 
 
+class IngestConfig(StrictModel):
+    """Streaming source ingestion (``bpo_ray/generate/ingest.py``); runtime-only, not in the plan,
+    except that the chunking is fingerprinted there (a different ``chunk_mb`` cannot resume)."""
+
+    chunk_mb: float = Field(8.0, gt=0, description="JSON Lines files are scanned in byte ranges of this size")
+    id_partitions: int = Field(2, ge=1, description="IdRegistry actors holding the record ids (~190 B each)")
+
+
 class GenerateConfig(StrictModel):
     strategies: list[Literal["image_weakened", "error_injection", "judge_ranked"]] = Field(
         default_factory=lambda: ["image_weakened", "error_injection"]
@@ -138,6 +146,7 @@ class GenerateConfig(StrictModel):
     injector: InjectorConfig = InjectorConfig()
     judge_ranked: JudgeRankedConfig = JudgeRankedConfig()
     filters: FilterConfig = FilterConfig()
+    ingest: IngestConfig = IngestConfig()
 
     @field_validator("strategies")
     @classmethod

@@ -37,7 +37,7 @@ from bpo_ray.schemas import Manifest, library_versions, write_manifest
 
 IMAGE_STRATEGIES = ("image_weakened", "judge_ranked")
 # Settings that may change between a run and its resume (they do not change what is generated).
-RUNTIME_ONLY = ("progress", "io_num_cpus")
+RUNTIME_ONLY = ("progress", "io_num_cpus", "ingest")
 
 
 def pool_kwargs(pool: PoolConfig) -> dict[str, Any]:
@@ -196,6 +196,7 @@ def run_generate(cfg: BPOConfig, source: str, out: str, images: Optional[str] = 
     DataContext.get_current().enable_progress_bars = False
     runtime_env = worker_runtime_env(cfg.numerics)
     index = scan_source(source, images, gen.max_text_chars, gen.max_items, gen.sample_items, gen.seed,
+                        chunk_bytes=max(1, int(gen.ingest.chunk_mb * 2**20)), id_partitions=gen.ingest.id_partitions,
                         num_cpus=gen.io_num_cpus, runtime_env=runtime_env)
     try:
         n_shards = index.n_shards(gen.shard_size)
