@@ -196,3 +196,21 @@ def test_ingest_config_is_validated_and_kept_out_of_the_plan():
              for n in (1, 4)]
     assert plans[0] == plans[1] and "ingest" not in plans[0]["generate"]
     assert plans[0]["chunk_bytes"] == 1 << 23 and "source_sha256" in plans[0]
+
+
+def test_a_file_gone_before_its_scan_is_a_clear_source_error(ray_cluster, tmp_path, monkeypatch):
+    import bpo_ray.generate.ingest as ingest
+
+    (tmp_path / "src").mkdir()
+    victim = tmp_path / "src" / "a.jsonl"
+    victim.write_text('{"id": 1, "image": "x.png", "conversations": []}\n')
+    plan = ingest.plan_chunks
+
+    def plan_then_delete(*args, **kwargs):
+        chunks = plan(*args, **kwargs)
+        victim.unlink()  # listed and sized, gone when its scan task reads it
+        return chunks
+
+    monkeypatch.setattr(ingest, "plan_chunks", plan_then_delete)
+    with pytest.raises(SourceError, match="cannot read source file .*a.jsonl"):
+        ingest.scan_source(str(tmp_path / "src"))

@@ -177,10 +177,15 @@ def scan_chunks(batch: dict[str, Any], registries: list) -> dict[str, Any]:
     """Ray Data task: per chunk, screen and count its records and register their ids."""
     import ray
 
-    out: dict[str, list] = {k: [] for k in ("index", "sha256", "n_lines", "n_records", "n_items")}
+    out: dict[str, list] = {k: [] for k in ("index", "sha256", "n_lines", "n_records", "n_items", "error")}
     for text in batch["chunk"]:
         chunk = Chunk(**json.loads(str(text)))
-        data = read_chunk(chunk)
+        try:
+            data = read_chunk(chunk)
+        except storage.StorageError as exc:  # reported, not raised: Ray Data would keep only its type
+            data, out["error"] = b"", out["error"] + [f"cannot read source file {chunk.uri}: {exc}"]
+        else:
+            out["error"].append("")
         parts: list[list[tuple[str, int, int]]] = [[] for _ in registries]
         n_records = n_items = 0
         for rec, (locator, record, error) in enumerate(chunk_records(chunk, data)):
@@ -393,6 +398,9 @@ def scan_source(source: str, images_root: Optional[str] = None, max_text_chars: 
         extra = {"runtime_env": runtime_env} if runtime_env else {}
         rows = ds.map_batches(scan_chunks, batch_size=1, num_cpus=num_cpus,
                               fn_kwargs=dict(registries=registries), **extra).take_all()
+        errors = [str(r["error"]) for r in rows if r["error"]]
+        if errors:
+            raise SourceError(errors[0])
         rows.sort(key=lambda r: r["index"])
         if [r["index"] for r in rows] != list(range(len(chunks))):
             raise RuntimeError(f"scan returned {len(rows)} of {len(chunks)} chunks")
