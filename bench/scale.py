@@ -176,13 +176,12 @@ def cpu_costs(source: str, out: str, n_records: int = 20000) -> dict:
     store = ShardStore(out)
     store.clear()
     shard_results: dict[int, list] = {}
-    for b in batches:
-        for order, shard, result in zip(b["order"], b["shard"], b["result"]):
-            res = json.loads(result)
-            res["order"] = int(order)
-            shard_results.setdefault(int(shard), []).append(res)
+    for b in batches:  # as pipeline._consume: count the pairs, buffer the JSON, parse again at commit
+        for order, shard, outcome, result in zip(b["order"], b["shard"], b["outcome"], b["result"]):
+            _ = 0 if outcome == "quarantined" else len(json.loads(result)["pairs"])
+            shard_results.setdefault(int(shard), []).append((int(order), result))
     for shard, results in shard_results.items():
-        store.commit(shard, results)
+        store.commit(shard, [dict(json.loads(r), order=o) for o, r in results])
     cost["driver: decode results, commit shards"] = time.process_time() - t
     n = len(items)
     return {"records": n_records, "items": n, "us_per_item": {k: 1e6 * v / n for k, v in cost.items()}}
@@ -249,7 +248,7 @@ def child(args) -> None:
             store = ShardStore(args.out)
             store.clear()
             _consume(ds, store, index.shard_sizes(SHARD), progress=False)
-            counts = total_counts(store.markers(), expected_items=index.n_items)
+            counts = total_counts(store.iter_markers(), expected_items=index.n_items)
             res.update(paired=counts.paired, filtered=counts.filtered, quarantined=counts.quarantined,
                        pairs_written=counts.pairs_written, by_reason=counts.by_reason)
         res["rest_s"] = time.perf_counter() - t1

@@ -126,6 +126,8 @@ class IngestConfig(StrictModel):
 
     chunk_mb: float = Field(8.0, gt=0, description="JSON Lines files are scanned in byte ranges of this size")
     id_partitions: int = Field(2, ge=1, description="IdRegistry actors holding the record ids (~190 B each)")
+    emit_tasks: int = Field(2, ge=1, description="emit tasks at once (each releases a chunk's items; the driver "
+                            "buffers incomplete shards)")
 
 
 class GenerateConfig(StrictModel):

@@ -86,7 +86,8 @@ def plan_chunks(files: list[str], images_root: Optional[str], chunk_bytes: int =
         else:  # as read_source: anything that is not .jsonl is parsed as one JSON document
             ranges = [(0, size)]
         for start, end in ranges:
-            chunks.append(Chunk(len(chunks), uri, "jsonl" if uri.endswith(".jsonl") else "json", start, end, stem, root))
+            kind = "jsonl" if uri.endswith(".jsonl") else "json"
+            chunks.append(Chunk(len(chunks), uri, kind, start, end, stem, root))
     return chunks
 
 
@@ -339,7 +340,7 @@ class SourceIndex:
         return tasks
 
     def dataset(self, shard_size: int, group_size: int, done: set[int] = frozenset(), num_cpus: float = 0.5,
-                runtime_env: Optional[dict] = None):
+                runtime_env: Optional[dict] = None, emit_tasks: int = 2):
         """The lazy Ray Data dataset of the run's item rows (``ITEM_COLUMNS`` + ``group``) not in ``done``,
         one block per generation group, as ``pipeline.group_blocks`` cuts them.
 
@@ -348,6 +349,11 @@ class SourceIndex:
         commit group by group. The cut starts at each emit block's start, a shard boundary, so it
         falls on group boundaries (every ``block_rows`` divides both the group and a shard's last,
         partial group).
+
+        At most ``emit_tasks`` emit tasks run at once: a task releases a whole chunk's items, and
+        the driver buffers the results of every shard that is not complete yet, so fewer chunks in
+        flight keep the driver's memory flat (one task explodes ~40k items/s, far above what the
+        model stages consume).
         """
         import ray
 
@@ -356,7 +362,8 @@ class SourceIndex:
             raise ValueError("every shard is done; nothing to emit")
         ds = ray.data.from_items([{"task": json.dumps(t)} for t in tasks], override_num_blocks=len(tasks))
         extra = {"runtime_env": runtime_env} if runtime_env else {}
-        ds = ds.map_batches(emit_items, batch_size=1, num_cpus=num_cpus, fn_kwargs=dict(
+        ds = ds.map_batches(emit_items, batch_size=1, num_cpus=num_cpus,
+                            compute=ray.data.TaskPoolStrategy(size=emit_tasks), fn_kwargs=dict(
             registries=self.registries, shard_size=shard_size, group_size=group_size,
             max_text_chars=self.max_text_chars), **extra)
         return ds.repartition(target_num_rows_per_block=block_rows(shard_size, group_size))
@@ -425,5 +432,5 @@ def scan_source(source: str, images_root: Optional[str] = None, max_text_chars: 
                        max_text_chars=max_text_chars, registries=registries)
 
 
-__all__ = ["CHUNK_BYTES", "Chunk", "block_rows", "IdRegistry", "ITEM_COLUMNS", "SourceIndex", "emit_items", "plan_chunks",
-           "read_chunk", "scan_chunks", "scan_source"]
+__all__ = ["CHUNK_BYTES", "Chunk", "block_rows", "IdRegistry", "ITEM_COLUMNS", "SourceIndex", "emit_items",
+           "plan_chunks", "read_chunk", "scan_chunks", "scan_source"]

@@ -162,15 +162,14 @@ def _consume(ds, store: ShardStore, expected: dict[int, int], progress: bool) ->
     tally: Counter = Counter()
     bar = tqdm(total=sum(expected.values()), unit="item", desc="generate", disable=not progress, dynamic_ncols=True)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for order, shard, result in zip(batch["order"], batch["shard"], batch["result"]):
-            res = json.loads(result)
-            res["order"] = int(order)
-            buffers[int(shard)][int(order)] = res
-            tally[res["outcome"]] += 1
-            tally["pairs"] += len(res["pairs"])
+        for order, shard, outcome, result in zip(batch["order"], batch["shard"], batch["outcome"], batch["result"]):
+            # Buffered as the JSON text (a third of the parsed dicts' memory) until the shard is whole.
+            buffers[int(shard)][int(order)] = result
+            tally[outcome] += 1
+            tally["pairs"] += 0 if outcome == "quarantined" else len(json.loads(result)["pairs"])
             bar.update(1)
             if len(buffers[int(shard)]) == expected[int(shard)]:
-                store.commit(int(shard), buffers.pop(int(shard)).values())
+                store.commit(int(shard), [dict(json.loads(res), order=o) for o, res in buffers.pop(int(shard)).items()])
                 tally["shards"] += 1
         bar.set_postfix(pairs=tally["pairs"], filtered=tally["filtered"], quarantined=tally["quarantined"],
                         shards=f"{tally['shards']}/{len(expected)}")
@@ -208,14 +207,15 @@ def run_generate(cfg: BPOConfig, source: str, out: str, images: Optional[str] = 
         expected = index.shard_sizes(gen.shard_size, done)
         t_read = time.perf_counter() - t0
         if expected:
-            items = index.dataset(gen.shard_size, generation_group_size(cfg), done, gen.io_num_cpus, runtime_env)
+            items = index.dataset(gen.shard_size, generation_group_size(cfg), done, gen.io_num_cpus, runtime_env,
+                                  emit_tasks=gen.ingest.emit_tasks)
             _consume(generation_stages(items, cfg), store, expected, gen.progress)
     finally:
         index.close()
     n_run = sum(expected.values())
     t_total = time.perf_counter() - t0
-    counts = total_counts(store.markers(), expected_items=index.n_items)
-    new_pairs = sum(m["pairs_written"] for m in store.markers() if m["shard"] not in done)
+    counts = total_counts(store.iter_markers(), expected_items=index.n_items)
+    new_pairs = sum(m["pairs_written"] for m in store.iter_markers() if m["shard"] not in done)
     run_s = max(t_total - t_read, 1e-9)
     manifest = Manifest(
         stage="generate", counts=counts,
