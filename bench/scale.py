@@ -194,7 +194,7 @@ def child(args) -> None:
 
     from bpo_ray.config.generate import FilterConfig
     from bpo_ray.generate.image_loader import load_images
-    from bpo_ray.generate.ingest import scan_source, shards_in_order
+    from bpo_ray.generate.ingest import scan_source
     from bpo_ray.generate.pairs import build_outcomes
     from bpo_ray.generate.pipeline import _consume
     from bpo_ray.generate.shards import ShardStore, total_counts
@@ -247,8 +247,7 @@ def child(args) -> None:
                                 batch_size=GROUP, num_cpus=0.5)
             store = ShardStore(args.out)
             store.clear()
-            with shards_in_order():
-                _consume(ds, store, index.shard_sizes(SHARD), progress=False)
+            _consume(ds, store, index.shard_sizes(SHARD), progress=False)
             counts = total_counts(store.iter_markers(), expected_items=index.n_items)
             res.update(paired=counts.paired, filtered=counts.filtered, quarantined=counts.quarantined,
                        pairs_written=counts.pairs_written, by_reason=counts.by_reason)

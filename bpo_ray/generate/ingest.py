@@ -36,7 +36,6 @@ import json
 import math
 import random
 import zlib
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Optional
 
@@ -378,25 +377,6 @@ class SourceIndex:
         self.registries = []
 
 
-@contextmanager
-def shards_in_order() -> Iterator[None]:
-    """Run the Ray Data executions started inside in block order (``preserve_order``).
-
-    The driver keeps every result of a shard until the shard is complete; in arrival order that
-    is whatever is in flight between emit and the driver (hundreds of thousands of items at 1M),
-    in block order one shard or two. Out-of-order blocks wait in the object store instead.
-    """
-    from ray.data import DataContext
-
-    options = DataContext.get_current().execution_options
-    before = options.preserve_order
-    options.preserve_order = True
-    try:
-        yield
-    finally:
-        options.preserve_order = before
-
-
 def block_rows(shard_size: int, group_size: int) -> int:
     """Rows per item block: the group size, or a divisor of it that also divides a shard's last group."""
     rest = shard_size % group_size
@@ -453,4 +433,4 @@ def scan_source(source: str, images_root: Optional[str] = None, max_text_chars: 
 
 
 __all__ = ["CHUNK_BYTES", "Chunk", "block_rows", "IdRegistry", "ITEM_COLUMNS", "SourceIndex", "emit_items",
-           "plan_chunks", "read_chunk", "scan_chunks", "scan_source", "shards_in_order"]
+           "plan_chunks", "read_chunk", "scan_chunks", "scan_source"]

@@ -30,7 +30,7 @@ from bpo_ray.generate.image_weakened import ImageWeakenedSampler
 from bpo_ray.generate.judge_ranked import JudgeRankedSampler
 from bpo_ray.generate.pairs import build_outcomes
 from bpo_ray.generate.shards import ShardStore, total_counts
-from bpo_ray.generate.ingest import SourceIndex, scan_source, shards_in_order
+from bpo_ray.generate.ingest import SourceIndex, scan_source
 from bpo_ray.generate.sources import ITEM_COLUMNS, list_source_files
 from bpo_ray.raycluster import worker_runtime_env
 from bpo_ray.schemas import Manifest, library_versions, write_manifest
@@ -209,8 +209,7 @@ def run_generate(cfg: BPOConfig, source: str, out: str, images: Optional[str] = 
         if expected:
             items = index.dataset(gen.shard_size, generation_group_size(cfg), done, gen.io_num_cpus, runtime_env,
                                   emit_tasks=gen.ingest.emit_tasks)
-            with shards_in_order():
-                _consume(generation_stages(items, cfg), store, expected, gen.progress)
+            _consume(generation_stages(items, cfg), store, expected, gen.progress)
     finally:
         index.close()
     n_run = sum(expected.values())
