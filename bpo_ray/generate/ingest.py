@@ -362,8 +362,8 @@ class SourceIndex:
             raise ValueError("every shard is done; nothing to emit")
         ds = ray.data.from_items([{"task": json.dumps(t)} for t in tasks], override_num_blocks=len(tasks))
         extra = {"runtime_env": runtime_env} if runtime_env else {}
-        ds = ds.map_batches(emit_items, batch_size=1, num_cpus=num_cpus,
-                            compute=ray.data.TaskPoolStrategy(size=max(1, min(emit_tasks, len(tasks)))), fn_kwargs=dict(
+        pool = ray.data.TaskPoolStrategy(size=max(1, min(emit_tasks, len(tasks))))
+        ds = ds.map_batches(emit_items, batch_size=1, num_cpus=num_cpus, compute=pool, fn_kwargs=dict(
             registries=self.registries, shard_size=shard_size, group_size=group_size,
             max_text_chars=self.max_text_chars), **extra)
         return ds.repartition(target_num_rows_per_block=block_rows(shard_size, group_size))
