@@ -268,7 +268,8 @@ def run_child(source: Path, out: Path, mode: str, ray_cpus: int) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:
-        raise SystemExit(f"{mode} run on {source} failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"{mode} run on {source} failed (rc {proc.returncode}):\n"
+                         f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     res = json.loads(lines[-1][len("RESULT "):])
     res["wall_s"] = time.perf_counter() - t0
     return res
@@ -324,7 +325,8 @@ def main() -> None:
             print(f"accounting {r['records']}: items {r['items']} = paired {r['paired']} + filtered {r['filtered']} "
                   f"+ quarantined {r['quarantined']} ({'exact' if ok else 'MISMATCH'}); pairs {r['pairs_written']}")
         elif r.get("emitted") is not None:
-            print(f"accounting {r['records']}: emitted {r['emitted']} of {r['items']} items (expected {r['expected_items']})")
+            print(f"accounting {r['records']}: emitted {r['emitted']} of {r['items']} items "
+                  f"(expected {r['expected_items']})")
     print("\nratios:")
     first, last = results[0], results[-1]
     ratios = {
