@@ -97,6 +97,27 @@ def read_bytes(uri: str, max_bytes: Optional[int] = None) -> bytes:
         raise StorageError(f"{uri}: {exc}") from exc
 
 
+def file_size(uri: str) -> int:
+    """Size in bytes of one file (``StorageError`` if it is not a file)."""
+    fs, path = filesystem(uri)
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.File or info.size is None:
+        raise StorageError(f"{uri}: no such file")
+    return int(info.size)
+
+
+def read_range(uri: str, offset: int, nbytes: int) -> bytes:
+    """``nbytes`` bytes of a file from ``offset`` (fewer at its end): one ranged GET on S3."""
+    fs, path = filesystem(uri)
+    try:
+        with fs.open_input_file(path) as f:
+            return f.read_at(max(0, nbytes), offset)
+    except FileNotFoundError as exc:
+        raise StorageError(f"{uri}: no such file") from exc
+    except OSError as exc:
+        raise StorageError(f"{uri}: {exc}") from exc
+
+
 def read_text(uri: str) -> str:
     return read_bytes(uri).decode("utf-8")
 

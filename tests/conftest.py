@@ -19,6 +19,9 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The judge client's own credential (bpo_ray.serving.judge.client), for tests whose judge is a test
+# server that takes any token; set before the session's Ray starts so its workers inherit it.
+os.environ.setdefault("BPO_JUDGE_TOKEN", "bpo-test-suite-client")
 # The embedded default's portable numerics (configs/tiny.yaml: numerics.cpu_isa avx2), set before
 # torch is imported: this process, the session's Ray cluster and its workers all run AVX2 kernels.
 from bpo_ray import numerics  # noqa: E402  (imports no torch)

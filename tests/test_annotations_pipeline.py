@@ -22,7 +22,7 @@ from bpo_ray.generate.shards import ShardStore, shard_name
 from bpo_ray.schemas import ANNOTATION_SCHEMA, HELPSTEER_ATTRIBUTES, PAIR_SCHEMA, read_manifest, read_parquet
 from test_generate_pipeline import check_accounting, overrides, world  # noqa: F401  (fixture)
 from test_generate_units import JudgeServer
-from test_world_judge import Server
+from tests.serve_support import AppServer as Server
 
 pytestmark = pytest.mark.slow
 N_ITEMS, SAMPLES, SHARD = 8, 4, 4

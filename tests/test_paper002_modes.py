@@ -18,7 +18,7 @@ from bpo_ray.schemas import ANNOTATION_SCHEMA, PAIR_SCHEMA, QUARANTINE_SCHEMA, r
 from bpo_ray.train.plots import read_metrics
 from test_annotations_pipeline import N_ITEMS, SAMPLES, _cfg
 from test_generate_pipeline import world  # noqa: F401  (fixture)
-from test_world_judge import Server
+from tests.serve_support import AppServer as Server
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ import pytest
 from bpo_ray.models.prompts import build_prompt
 from bpo_ray.models.steerlm import steer_prompt
 from serve_support import data_url, image_messages, random_image
-from test_world_judge import Server
+from tests.serve_support import AppServer as Server
 
 pytestmark = pytest.mark.slow
 QUESTION = "Describe the image in detail."

@@ -132,7 +132,7 @@ def test_text_benchmarks_through_served_model_and_judge_proxy(tiny_models, small
     from bpo_ray.serving.judge.proxy import create_judge_app
     from bpo_ray.serving.standalone import create_standalone_app
     from bpo_ray.world.judge_server import SceneIndex, create_app
-    from test_world_judge import Server
+    from tests.serve_support import AppServer as Server
 
     monkeypatch.setenv("BPO_TEST_TB_TOKENS", "bench:tok-text-bench-1")
     cfg = load_config("tiny", [f"models.mllm={tiny_models['mllm']}", "models.device=cpu",

@@ -184,6 +184,16 @@ class FilterConfig(StrictModel):
     require_content_change: bool = True
 
 
+class IngestConfig(StrictModel):
+    """Streaming source ingestion (``bpo_ray/generate/ingest.py``); runtime-only, not in the plan,
+    except that the chunking is fingerprinted there (a different ``chunk_mb`` cannot resume)."""
+
+    chunk_mb: float = Field(8.0, gt=0, description="JSON Lines files are scanned in byte ranges of this size")
+    id_partitions: int = Field(2, ge=1, description="IdRegistry actors holding the record ids (~190 B each)")
+    emit_tasks: int = Field(2, ge=1, description="emit tasks at once (each releases a chunk's items; the driver "
+                            "buffers incomplete shards)")
+
+
 class GenerateConfig(StrictModel):
     strategies: list[Literal["image_weakened", "error_injection", "judge_ranked", "on_policy"]] = Field(
         default_factory=lambda: ["image_weakened", "error_injection"]
@@ -203,6 +213,7 @@ class GenerateConfig(StrictModel):
     judge_ranked: JudgeRankedConfig = JudgeRankedConfig()
     on_policy: OnPolicyConfig = OnPolicyConfig()
     filters: FilterConfig = FilterConfig()
+    ingest: IngestConfig = IngestConfig()
 
     @field_validator("strategies")
     @classmethod

@@ -2,8 +2,8 @@
 
 ::
 
-    read_source (driver: records -> items, bad records quarantined)
-      -> from_items -> load_images (tasks; bad images quarantined)
+    scan_source (Ray Data tasks: chunks -> counts, id registry; the driver holds no records)
+      -> emit_items (tasks: records -> item blocks, whole shards) -> load_images (tasks; bad images quarantined)
       -> ImageWeakenedSampler / JudgeRankedSampler   (autoscaling actor pools)
       -> ErrorInjector (actors) | ray.data.llm vLLM processor
       -> build_outcomes (tasks: filters, pair rows)
@@ -15,7 +15,6 @@ known exactly and a shard is committed the moment its last item arrives.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -32,13 +31,14 @@ from bpo_ray.generate.judge_ranked import JudgeRankedSampler
 from bpo_ray.generate.on_policy import OnPolicySampler, resolve_synonyms
 from bpo_ray.generate.pairs import build_outcomes
 from bpo_ray.generate.shards import ShardStore, total_counts
-from bpo_ray.generate.sources import ITEM_COLUMNS, assign_shards, read_source
+from bpo_ray.generate.ingest import SourceIndex, scan_source
+from bpo_ray.generate.sources import ITEM_COLUMNS, list_source_files
 from bpo_ray.raycluster import worker_runtime_env
 from bpo_ray.schemas import Manifest, library_versions, write_manifest
 
 IMAGE_STRATEGIES = ("image_weakened", "judge_ranked", "on_policy")
 # Settings that may change between a run and its resume (they do not change what is generated).
-RUNTIME_ONLY = ("progress", "io_num_cpus")
+RUNTIME_ONLY = ("progress", "io_num_cpus", "ingest")
 
 
 def pool_kwargs(pool: PoolConfig) -> dict[str, Any]:
@@ -61,7 +61,7 @@ def pool_kwargs(pool: PoolConfig) -> dict[str, Any]:
     return kwargs
 
 
-def _plan(cfg: BPOConfig, source: str, images: Optional[str], files: list[str], items: list[dict]) -> dict:
+def _plan(cfg: BPOConfig, source: str, images: Optional[str], index: SourceIndex) -> dict:
     gen = cfg.generate.model_dump(mode="json")
     for key in RUNTIME_ONLY:
         gen.pop(key)
@@ -69,11 +69,9 @@ def _plan(cfg: BPOConfig, source: str, images: Optional[str], files: list[str], 
         gen[section].pop("pool")
     gen["judge_ranked"].pop("judge_token_env")
     gen["on_policy"]["verifier"].pop("judge_token_env")
-    ids = "\n".join(f"{it['order']}:{it['item_id']}:{it['status']}" for it in items)
-    return {"source": source, "images": images, "files": files,
+    return {"source": source, "images": images,
             "models": {"mllm": cfg.models.mllm, "text_llm": cfg.models.text_llm, "dtype": cfg.models.dtype},
-            "generate": gen, "n_items": len(items),
-            "items_sha256": hashlib.sha256(ids.encode()).hexdigest()}
+            "generate": gen, **index.plan_fields()}
 
 
 def _model_source(uri: str) -> str:
@@ -112,16 +110,22 @@ def group_blocks(items: list[dict[str, Any]], shard_size: int, group_size: int) 
 
 
 def build_dataset(items: list[dict[str, Any]], cfg: BPOConfig, synonyms: Optional[dict[str, str]] = None):
-    """The lazy Ray Data pipeline for ``items``; its rows are ``order, shard, outcome, result``.
+    """The lazy Ray Data pipeline for in-memory ``items``; its rows are ``order, shard, outcome, result``.
 
     ``synonyms`` is the on-policy verifier's object vocabulary (read once on the driver)."""
     import ray
 
+    return generation_stages(ray.data.from_arrow(group_blocks(items, cfg.generate.shard_size,
+                                                              generation_group_size(cfg))), cfg, synonyms)
+
+
+def generation_stages(ds, cfg: BPOConfig, synonyms: Optional[dict[str, str]] = None):
+    """Images, negatives and outcomes for a dataset of item rows (``ITEM_COLUMNS`` + ``group``);
+    ``synonyms``: the on-policy verifier's object vocabulary."""
     gen, models = cfg.generate, cfg.models
     strategies = list(gen.strategies)
     image_stages = [s for s in IMAGE_STRATEGIES if s in strategies]
     io_batch = generation_group_size(cfg)
-    ds = ray.data.from_arrow(group_blocks(items, gen.shard_size, io_batch))
     runtime_env = worker_runtime_env(cfg.numerics)
     ds = ds.map_batches(load_images, fn_kwargs=dict(max_bytes=gen.max_image_bytes, keep_bytes=bool(image_stages)),
                         batch_size=io_batch, num_cpus=gen.io_num_cpus, runtime_env=runtime_env)
@@ -161,24 +165,23 @@ def build_dataset(items: list[dict[str, Any]], cfg: BPOConfig, synonyms: Optiona
                           batch_size=io_batch, num_cpus=gen.io_num_cpus)
 
 
-def _consume(ds, store: ShardStore, pending: list[dict[str, Any]], progress: bool) -> None:
-    """Stream results, committing each shard as soon as all of its items have arrived."""
+def _consume(ds, store: ShardStore, expected: dict[int, int], progress: bool) -> None:
+    """Stream results, committing each shard as soon as all of its ``expected[shard]`` items have arrived."""
     from bpo_ray.progress import progress as report_progress
 
-    expected = Counter(it["shard"] for it in pending)
     buffers: dict[int, dict[int, dict]] = defaultdict(dict)
     tally: Counter = Counter()
-    bar = report_progress(total=len(pending), unit="item", desc="generate", disable=not progress, dynamic_ncols=True)
+    bar = report_progress(total=sum(expected.values()), unit="item", desc="generate", disable=not progress,
+                          dynamic_ncols=True)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for order, shard, result in zip(batch["order"], batch["shard"], batch["result"]):
-            res = json.loads(result)
-            res["order"] = int(order)
-            buffers[int(shard)][int(order)] = res
-            tally[res["outcome"]] += 1
-            tally["pairs"] += len(res["pairs"])
+        for order, shard, outcome, result in zip(batch["order"], batch["shard"], batch["outcome"], batch["result"]):
+            # Buffered as the JSON text (a third of the parsed dicts' memory) until the shard is whole.
+            buffers[int(shard)][int(order)] = result
+            tally[outcome] += 1
+            tally["pairs"] += 0 if outcome == "quarantined" else len(json.loads(result)["pairs"])
             bar.update(1)
             if len(buffers[int(shard)]) == expected[int(shard)]:
-                store.commit(int(shard), buffers.pop(int(shard)).values())
+                store.commit(int(shard), [dict(json.loads(res), order=o) for o, res in buffers.pop(int(shard)).items()])
                 tally["shards"] += 1
         bar.set_postfix(pairs=tally["pairs"], filtered=tally["filtered"], quarantined=tally["quarantined"],
                         shards=f"{tally['shards']}/{len(expected)}")
@@ -213,33 +216,43 @@ def run_generate(cfg: BPOConfig, source: str, out: str, images: Optional[str] = 
             raise ValueError(f"generate.on_policy.adapter {gen.on_policy.adapter!r} does not exist")
         synonyms = resolve_synonyms(ver.synonyms, source)
     t0 = time.perf_counter()
-    read = read_source(source, images, gen.max_text_chars, gen.max_items, gen.sample_items, gen.seed)
-    n_shards = assign_shards(read.items, gen.shard_size)
-    store = ShardStore(out)
-    if restart:
-        store.clear()
-    store.check_or_write_plan(_plan(cfg, source, images, read.files, read.items))
-    done = store.done_shards()
-    pending = [it for it in read.items if it["shard"] not in done]
-    t_read = time.perf_counter() - t0
-    if pending:
-        # before Ray starts; absolute local paths for the workers
-        cfg = cfg.model_copy(update={"models": ensure_models(cfg.models, _models_needed(gen.strategies), cfg.name, "generate")})
-        init_ray(cfg.ray)
-        DataContext.get_current().enable_progress_bars = False
-        _consume(build_dataset(pending, cfg, synonyms), store, pending, gen.progress)
+    list_source_files(source)  # a missing source is a clear error before any cluster starts
+    # before Ray starts; absolute local paths for the workers
+    cfg = cfg.model_copy(update={"models": ensure_models(cfg.models, _models_needed(gen.strategies), cfg.name, "generate")})
+    init_ray(cfg.ray)
+    DataContext.get_current().enable_progress_bars = False
+    runtime_env = worker_runtime_env(cfg.numerics)
+    index = scan_source(source, images, gen.max_text_chars, gen.max_items, gen.sample_items, gen.seed,
+                        chunk_bytes=max(1, int(gen.ingest.chunk_mb * 2**20)), id_partitions=gen.ingest.id_partitions,
+                        num_cpus=gen.io_num_cpus, runtime_env=runtime_env)
+    try:
+        n_shards = index.n_shards(gen.shard_size)
+        store = ShardStore(out)
+        if restart:
+            store.clear()
+        store.check_or_write_plan(_plan(cfg, source, images, index))
+        done = store.done_shards()
+        expected = index.shard_sizes(gen.shard_size, done)
+        t_read = time.perf_counter() - t0
+        if expected:
+            items = index.dataset(gen.shard_size, generation_group_size(cfg), done, gen.io_num_cpus, runtime_env,
+                                  emit_tasks=gen.ingest.emit_tasks)
+            _consume(generation_stages(items, cfg, synonyms), store, expected, gen.progress)
+    finally:
+        index.close()
+    n_run = sum(expected.values())
     t_total = time.perf_counter() - t0
-    counts = total_counts(store.markers(), expected_items=len(read.items))
-    new_pairs = sum(m["pairs_written"] for m in store.markers() if m["shard"] not in done)
+    counts = total_counts(store.iter_markers(), expected_items=index.n_items)
+    new_pairs = sum(m["pairs_written"] for m in store.iter_markers() if m["shard"] not in done)
     run_s = max(t_total - t_read, 1e-9)
     manifest = Manifest(
         stage="generate", counts=counts,
         config={"source": source, "images": images, "out": out, "models": cfg.models.model_dump(mode="json"),
                 "generate": gen.model_dump(mode="json"), "ray": cfg.ray.model_dump(mode="json")},
         versions=library_versions(),
-        timings={"total_s": t_total, "read_s": t_read, "items_this_run": float(len(pending)),
-                 "items_per_s": len(pending) / run_s if pending else 0.0,
-                 "pairs_per_s": new_pairs / run_s if pending else 0.0,
+        timings={"total_s": t_total, "read_s": t_read, "items_this_run": float(n_run),
+                 "items_per_s": n_run / run_s if n_run else 0.0,
+                 "pairs_per_s": new_pairs / run_s if n_run else 0.0,
                  "shards": float(n_shards), "shards_resumed": float(len(done & set(range(n_shards))))},
     )
     write_manifest(manifest, storage.join(out, "manifest.json"))

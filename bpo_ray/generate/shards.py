@@ -20,7 +20,7 @@ import hashlib
 import io
 import json
 from collections import Counter
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import pyarrow.parquet as pq
 
@@ -124,7 +124,12 @@ class ShardStore:
         return marker
 
     def markers(self) -> list[dict[str, Any]]:
-        return [json.loads(storage.read_text(self.marker_uri(s))) for s in sorted(self.done_shards())]
+        return list(self.iter_markers())
+
+    def iter_markers(self) -> Iterator[dict[str, Any]]:
+        """The markers one at a time, in shard order (a marker lists its items: keep few in memory)."""
+        for s in sorted(self.done_shards()):
+            yield json.loads(storage.read_text(self.marker_uri(s)))
 
 
 def total_counts(markers: Iterable[dict[str, Any]], expected_items: Optional[int] = None) -> ManifestCounts:

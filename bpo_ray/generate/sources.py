@@ -138,28 +138,70 @@ def _iter_json_array(text: str) -> Iterator[tuple[int, Any, Optional[str]]]:
         index += 1
 
 
+def iter_jsonl_records(data: bytes, name: str, first_line: int = 1) -> Iterator[tuple[str, Any, Optional[str]]]:
+    """Yield ``(locator, record, error_reason)`` for the JSON Lines in ``data``.
+
+    ``first_line`` numbers the first line of ``data`` (a byte range of a larger file starts
+    after the lines of the ranges before it); blank lines are numbered but hold no record.
+    """
+    for n, line in enumerate(data.splitlines(), start=first_line):
+        if not line.strip():
+            continue
+        locator = f"{name}:{n}"
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            yield locator, line.decode("utf-8", errors="replace"), "non_utf8_text"
+            continue
+        try:
+            yield locator, json.loads(text), None
+        except json.JSONDecodeError:
+            yield locator, text, "malformed_json"
+
+
+def iter_json_records(data: bytes, name: str) -> Iterator[tuple[str, Any, Optional[str]]]:
+    """Yield ``(locator, record, error_reason)`` for a whole ``.json`` file (array or one object)."""
+    text = data.decode("utf-8", errors="surrogateescape")
+    for index, value, error in _iter_json_array(text):
+        yield f"{name}[{index}]", value, ("malformed_json" if error else None)
+
+
 def _iter_records(uri: str) -> Iterator[tuple[str, Any, Optional[str]]]:
     """Yield ``(locator, record, error_reason)`` for every record of one source file."""
     data = storage.read_bytes(uri)
     name = PurePosixPath(uri).name
     if uri.endswith(".jsonl"):
-        for n, line in enumerate(data.splitlines(), start=1):
-            if not line.strip():
-                continue
-            locator = f"{name}:{n}"
-            try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError:
-                yield locator, line.decode("utf-8", errors="replace"), "non_utf8_text"
-                continue
-            try:
-                yield locator, json.loads(text), None
-            except json.JSONDecodeError:
-                yield locator, text, "malformed_json"
-        return
-    text = data.decode("utf-8", errors="surrogateescape")
-    for index, value, error in _iter_json_array(text):
-        yield f"{name}[{index}]", value, ("malformed_json" if error else None)
+        return iter_jsonl_records(data, name)
+    return iter_json_records(data, name)
+
+
+def file_stem_and_root(uri: str, images_root: Optional[str]) -> tuple[str, str]:
+    """The default ``source`` name of a file's records and the root their images resolve against."""
+    stem = PurePosixPath(uri).name.rsplit(".", 1)[0]
+    root = images_root if images_root else uri.rsplit("/", 1)[0] if "/" in uri else "."
+    return stem, root
+
+
+def screen_record(stem: str, locator: str, record: Any, error: Optional[str]
+                  ) -> tuple[str, Optional[str], Optional[dict[str, Any]]]:
+    """``(source, record id, None)`` for a record that may be exploded, else ``(source, None, item)``
+    with the one quarantined item that stands for it. Duplicate ids are the caller's to check."""
+    if error:
+        return stem, None, _quarantined(stem, locator, error, _raw(record))
+    if not isinstance(record, dict):
+        return stem, None, _quarantined(stem, locator, "not_an_object", _raw(record))
+    if _has_surrogates(record):
+        return stem, None, _quarantined(stem, locator, "non_utf8_text", _raw(record))
+    rid, reason = _record_id(record)
+    src = record.get("source") if isinstance(record.get("source"), str) and record.get("source") else stem
+    if reason:
+        return src, None, _quarantined(src, locator, reason, _raw(record))
+    return src, rid, None
+
+
+def duplicate_item(source: str, record_id: str, locator: str, record: Any) -> dict[str, Any]:
+    """The quarantined item of a record whose id an earlier record of the source already has."""
+    return _quarantined(source, f"{record_id}@{locator}", "duplicate_id", _raw(record))
 
 
 def _record_id(record: dict) -> tuple[Optional[str], Optional[str]]:
@@ -274,6 +316,23 @@ def explode_record(record: dict, source: str, images_root: Optional[str], max_te
     return items
 
 
+def count_items(record: dict) -> int:
+    """How many items ``explode_record`` makes of ``record`` (same walk, nothing built)."""
+    if _image_field(record)[1]:
+        return 1
+    turns, reason = _turns(record.get("conversations"))
+    if reason:
+        return 1
+    k = i = 0
+    while i < len(turns):
+        if turns[i][0] != "human":
+            i += 1
+        else:
+            i += 2 if i + 1 < len(turns) and turns[i + 1][0] == "gpt" else 1
+        k += 1
+    return k
+
+
 def read_source(source: str, images_root: Optional[str] = None, max_text_chars: int = 20000,
                 max_items: Optional[int] = None, sample_items: Optional[int] = None,
                 seed: int = 0) -> SourceRead:
@@ -288,29 +347,18 @@ def read_source(source: str, images_root: Optional[str] = None, max_text_chars: 
     out = SourceRead(files=files)
     seen: set[str] = set()
     for uri in files:
-        stem = PurePosixPath(uri).name.rsplit(".", 1)[0]
-        root = images_root if images_root else uri.rsplit("/", 1)[0] if "/" in uri else "."
+        stem, root = file_stem_and_root(uri, images_root)
         try:
             records = list(_iter_records(uri))
         except storage.StorageError as exc:
             raise SourceError(f"cannot read source file {uri}: {exc}") from exc
         for locator, record, error in records:
-            if error:
-                out.items.append(_quarantined(stem, locator, error, _raw(record)))
-                continue
-            if not isinstance(record, dict):
-                out.items.append(_quarantined(stem, locator, "not_an_object", _raw(record)))
-                continue
-            if _has_surrogates(record):
-                out.items.append(_quarantined(stem, locator, "non_utf8_text", _raw(record)))
-                continue
-            rid, reason = _record_id(record)
-            src = record.get("source") if isinstance(record.get("source"), str) and record.get("source") else stem
-            if reason:
-                out.items.append(_quarantined(src, locator, reason, _raw(record)))
+            src, rid, bad = screen_record(stem, locator, record, error)
+            if bad is not None:
+                out.items.append(bad)
                 continue
             if rid in seen:
-                out.items.append(_quarantined(src, f"{rid}@{locator}", "duplicate_id", _raw(record)))
+                out.items.append(duplicate_item(src, rid, locator, record))
                 continue
             seen.add(rid)
             out.items.extend(explode_record(record, src, root, max_text_chars, rid))
