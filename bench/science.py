@@ -61,6 +61,10 @@ def main() -> int:
 
     table = aggregate(per_seed)
     targets = [t for name in ("bpo", "bpo_plain_dpo") if name in table.cells for t in check_targets(table, bpo=name)]
+    if "onpolicy" in table.cells:
+        # issue #16's targets: >= 60 % lower mean CHAIR_i, recall >= base - 2, fluency >= base, below BPO
+        targets += check_targets(table, bpo="onpolicy", ablation="bpo" if "bpo" in table.cells else None,
+                                 min_relative_drop=0.60)
     per_seed_chair = "\n".join(
         f"| {model} | " + " | ".join(f"{v:.1f}" for v in table.cells[model][CHAIR_I].values) + " |"
         for model in table.models)
