@@ -1,4 +1,4 @@
-"""bench/paper002.py: seed 002's Table 2 and Fig. 2 in miniature, in the bias world, in one command.
+"""bench/paper002.py: Li et al. 2024's Table 2 and Fig. 2 in miniature, in the bias world, in one command.
 
     .venv/bin/python bench/paper002.py --out runs/paper002 [--from runs/science/seed0] [--items 400]
 
@@ -78,7 +78,7 @@ def plot_datasize(rows: dict[str, dict[str, float]], path: Path) -> None:
         ax.set_title(col)
         ax.set_xlabel("DPO pairs used (%)")
         ax.set_xticks(xs)
-    fig.suptitle("Seed 002 Fig. 2 in miniature: benchmarks against DPO data size (0 % = base)")
+    fig.suptitle("Li et al. 2024 Fig. 2 in miniature: benchmarks against DPO data size (0 % = base)")
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -211,7 +211,7 @@ def main(argv=None) -> int:
     timings["total"] = round(time.time() - t_all, 1)
     gen_counts = json.loads((out / "generate" / "manifest.json").read_text())["counts"]
     md = "\n\n".join([
-        "# Seed 002 in miniature (bias world, one draw)",
+        "# Li et al. 2024 in miniature (bias world, one draw)",
         f"Annotation: {gen_counts['items_in']} items, {gen_counts['annotations_written']} rated completions, "
         f"{gen_counts['pairs_written']} DPO pairs (gap >= 2), {gen_counts['quarantined']} quarantined. "
         "Training rows: " + ", ".join(f"{k} {v['pairs_written']}" for k, v in derived.items()) + ".",

@@ -15,7 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("bpo_ray.models.cli", "build tiny HF-format models offline"),
     "world": ("bpo_ray.world.cli", "build the synthetic bias world and its base model"),
     "generate": ("bpo_ray.generate.cli", "bootstrap preference pairs (Ray Data)"),
-    "derive": ("bpo_ray.generate.derive", "seed 002 training sets from the annotation dataset"),
+    "derive": ("bpo_ray.generate.derive", "Li et al. 2024 training sets from the annotation dataset"),
     "reference": ("bpo_ray.train.reference_cli", "add reference log-probs to pairs (Ray Data)"),
     "train": ("bpo_ray.train.cli", "LoRA DPO / SFT with Ray Train + DeepSpeed"),
     "trl-pairs": ("bpo_ray.train.trl_cli", "pairs as a dataset stock TRL DPOTrainer trains on, same tokens"),

@@ -112,7 +112,7 @@ class JudgeRankedConfig(StrictModel):
     parse_retries: int = Field(1, ge=0, description="ask again when a reply has no usable ratings")
     draw: Literal["among_worse", "any_other"] = Field(
         "among_worse", description="rejected answer: random among those >= min_score_gap below the best, or "
-        "random among all others and kept only with the gap (seed 002 section 3.2 read literally)")
+        "random among all others and kept only with the gap (Li et al. 2024 section 3.2 read literally)")
     pool: PoolConfig = PoolConfig()
 
 

@@ -1,4 +1,4 @@
-"""Seed 002's text-ability benchmarks through the served model and the judge proxy.
+"""Li et al. 2024's text-ability benchmarks through the served model and the judge proxy.
 
 - ``run_mtbench``: MT-Bench-style two-turn questions (``benchmarks.mtbench``), the model answering
   turn 2 with turn 1 in its history, each turn rated 1-10 by the judge; ``image_mode`` "blank" or
@@ -10,7 +10,7 @@
   world's miniature gets its reference: the base model's outputs).
 
 Both endpoints are reached with the official ``openai`` client; the model answers greedily
-(temperature 0, as seed 002 runs every benchmark). Requests run on a small thread pool; results are
+(temperature 0, as Li et al. 2024 runs every benchmark). Requests run on a small thread pool; results are
 in input order, so the same endpoints give the same numbers.
 """
 

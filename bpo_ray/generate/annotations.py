@@ -1,7 +1,7 @@
-"""Training sets derived from seed 002's annotation dataset (``OUT/annotations/*.parquet``).
+"""Training sets derived from Li et al. 2024's annotation dataset (``OUT/annotations/*.parquet``).
 
 The annotation dataset holds, per item, N sampled completions with the judge's five HelpSteer
-ratings (``bpo_ray.schemas.ANNOTATION_SCHEMA``). Seed 002 (section 3.2) trains three ways on it;
+ratings (``bpo_ray.schemas.ANNOTATION_SCHEMA``). Li et al. 2024 (section 3.2) trains three ways on it;
 each function here turns the stored rows into rows of ``PAIR_SCHEMA`` that the existing trainer
 reads (``train.mode=dpo`` for the first, ``train.mode=sft`` for the others, which trains on
 ``chosen`` only; ``rejected`` is then the chosen text again and is not used):
@@ -46,7 +46,7 @@ def _by_item(table: pa.Table) -> dict[str, list[dict[str, Any]]]:
 
 
 def total(row: Mapping[str, Any]) -> float:
-    """Seed 002's aggregate: helpfulness + correctness + coherence."""
+    """Li et al. 2024's aggregate: helpfulness + correctness + coherence."""
     return float(sum(row[m] for m in METRICS))
 
 
@@ -66,7 +66,7 @@ def _row(first: Mapping[str, Any], strategy: str, prompt: str, chosen: str, reje
 
 def dpo_pairs(table: pa.Table, min_gap: float, seed: int, draw: str = "among_worse",
               filters: Optional[FilterConfig] = None) -> pa.Table:
-    """Seed 002's DPO pairs from the annotations (``choose_pair`` with the generate job's seeds);
+    """Li et al. 2024's DPO pairs from the annotations (``choose_pair`` with the generate job's seeds);
     with the job's ``filters`` they are exactly the ``judge_ranked`` pairs it wrote."""
     rows = []
     for source_id, comps in _by_item(table).items():
@@ -113,7 +113,7 @@ def steerlm_rows(table: pa.Table) -> pa.Table:
 
 
 def subsample(table: pa.Table, fraction: float, seed: int) -> pa.Table:
-    """A deterministic ``fraction`` of the rows (seed 002's data-size curve, Fig. 2): rows ranked by a
+    """A deterministic ``fraction`` of the rows (Li et al. 2024's data-size curve, Fig. 2): rows ranked by a
     seeded hash of their id, the first ``round(fraction * n)`` kept, so 25 % is inside 50 %."""
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")

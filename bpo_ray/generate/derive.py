@@ -1,4 +1,4 @@
-"""``bpo-ray derive``: seed 002's training sets from the annotation dataset, as pair-format Parquet.
+"""``bpo-ray derive``: Li et al. 2024's training sets from the annotation dataset, as pair-format Parquet.
 
     bpo-ray derive --annotations runs/p002/generate --method rejection_sampling --out runs/p002/rs
     bpo-ray derive --annotations runs/p002/generate --method steerlm --out runs/p002/steerlm

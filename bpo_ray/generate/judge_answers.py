@@ -1,4 +1,4 @@
-"""Seed 002's "SFT from Gemini responses" baseline (section 3.2): the judge answers each question
+"""Li et al. 2024's "SFT from Gemini responses" baseline (section 3.2): the judge answers each question
 itself, with the image, and the model is fine-tuned on those answers (``train.mode=sft``).
 
 The items are those of the annotation dataset (one per ``source_id``: its image, LLaVA prompt and

@@ -40,7 +40,7 @@ from bpo_ray.serving.judge.client import CLIENT_TOKEN_ENV, judge_client
 
 STRATEGY = "judge_ranked"
 COLUMN = f"neg_{STRATEGY}"
-METRICS = ("helpfulness", "correctness", "coherence")  # summed into seed 002's aggregate
+METRICS = ("helpfulness", "correctness", "coherence")  # summed into Li et al. 2024's aggregate
 ATTRIBUTES = HELPSTEER_ATTRIBUTES                        # all five are rated and stored
 MAX_SCORE = 4.0
 
@@ -146,7 +146,7 @@ def choose_pair(totals: Sequence[float], min_gap: float, seed: int,
     """``(best, rejected)`` indices, or ``None`` when there is no pair.
 
     The best is the top total (first on ties). ``draw="among_worse"``: a seeded random choice among
-    the answers at least ``min_gap`` below it. ``draw="any_other"`` (seed 002 section 3.2 read
+    the answers at least ``min_gap`` below it. ``draw="any_other"`` (Li et al. 2024 section 3.2 read
     literally): a seeded random choice among all other answers, the pair kept only when the gap
     is at least ``min_gap``.
     """

@@ -13,7 +13,7 @@ also their own prompt: the item's prompt plus the shared grounded prefix). Degen
 - ``length_ratio``: word counts (floored at ``length_floor_words``) differ by more than
   ``max_length_ratio`` times.
 
-Judge-ranked negatives also carry the item's annotations (every rated completion, seed 002's
+Judge-ranked negatives also carry the item's annotations (every rated completion, Li et al. 2024's
 annotation dataset); they are passed on as ``annotation_row`` rows whether or not a pair survives.
 
 Each item ends in exactly one outcome: ``paired`` (at least one pair), ``filtered`` (negatives

@@ -1,5 +1,5 @@
 """SteerLM's attribute-conditioned prompt (Dong et al. 2023, "SteerLM: Attribute Conditioned SFT
-as an (User-Steerable) Alternative to RLHF"; seed 002 section 3.2, "Self-sampled SteerLM").
+as an (User-Steerable) Alternative to RLHF"; Li et al. 2024 section 3.2, "Self-sampled SteerLM").
 
 The desired HelpSteer attributes are written into the prompt, as SteerLM writes its attribute
 string (``helpfulness:4,correctness:4,coherence:4,complexity:2,verbosity:2``); training

@@ -51,7 +51,7 @@ class ChatCompletionRequest(BaseModel):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     steer_attributes: Optional[dict[str, int]] = Field(
-        None, description="SteerLM (seed 002): the desired HelpSteer attributes, all five, integers 0-4 "
+        None, description="SteerLM (Li et al. 2024): the desired HelpSteer attributes, all five, integers 0-4 "
         "(helpfulness, correctness, coherence, complexity, verbosity); written into the prompt as the model "
         "was trained (bpo_ray.models.steerlm). OpenAI clients send it as extra_body")
 

@@ -14,10 +14,10 @@ grade follows the written rules of ``bpo_ray.world.grading`` (docs/world.md). Pr
   Evaluate`` sections) -> an explanation and "Rating: N", N in 0-6.
 - HelpSteer ratings of the ``judge_ranked`` generate strategy (``[Question]``, ``[Reference
   answer]``, ``[Response i]``) -> reasons and the ``{"scores": [...]}`` JSON line; when the prompt
-  lists ``- complexity:`` and ``- verbosity:`` (seed 002's annotation prompt) each entry carries
+  lists ``- complexity:`` and ``- verbosity:`` (Li et al. 2024's annotation prompt) each entry carries
   all five attributes and its ``reasoning``.
 - Claim verification (issue #16): the item's image plus exactly ``CLAIM_TEMPLATE`` -> "Yes." / "No.".
-- Direct answers (seed 002's judge-answer SFT): the item's image plus ``DIRECT_ANSWER_TEMPLATE``
+- Direct answers (Li et al. 2024's judge-answer SFT): the item's image plus ``DIRECT_ANSWER_TEMPLATE``
   -> the annotator's own answer in the world's style (``grading.true_answer``).
 - MT-Bench single-answer grading (``bpo_ray.evaluate.benchmarks.mtbench``; turn 1 alone, turn 2
   in the conversation) of the world's text questions (a caption, then a question about it) ->
@@ -48,7 +48,7 @@ ANNOTATOR_MODEL = "bias-world-annotator"
 
 DIRECT_ANSWER_TEMPLATE = ("Answer the question about the image yourself, as a helpful assistant would.\n\n"
                           "[Question]\n{question}\n[End of question]")
-"""Seed 002's "SFT on Gemini's answers" baseline asks the judge to answer the question directly
+"""Li et al. 2024's "SFT on Gemini's answers" baseline asks the judge to answer the question directly
 (``bpo_ray.generate.judge_answers`` sends it with the item's image); the annotator answers from the
 scene in the world's answer style (``grading.true_answer``)."""
 MMVET_RETRY_SUFFIX = "\nPredict the correctness of the answer (digit): "
@@ -185,7 +185,7 @@ def _helpsteer(text: str, scene: Optional[SceneTruth]) -> str:
     ref = _HELPSTEER_REF.search(text)
     question = q["question"].strip() if q else ""
     reference = ref["reference"].strip() if ref else ""
-    five = bool(_FIVE_ATTRIBUTES.search(text))  # the five-attribute prompt of seed 002's annotation job
+    five = bool(_FIVE_ATTRIBUTES.search(text))  # the five-attribute prompt of Li et al. 2024's annotation job
     responses = [m["text"] for m in sorted(_HELPSTEER_RESP.finditer(text), key=lambda m: int(m["i"]))]
     if scene is not None:
         expected, kinds = grading.expected_from_scene(question, scene), frozenset(scene)

@@ -313,7 +313,7 @@ def verbosity(answer: str, reference: str) -> int:
 
 
 def helpsteer_ratings(grade: Grade, answer: str, reference: str) -> dict[str, int]:
-    """All five HelpSteer attributes (seed 002, section 2.5), 0-4 each: ``helpsteer_scores`` plus
+    """All five HelpSteer attributes (Li et al. 2024, section 2.5), 0-4 each: ``helpsteer_scores`` plus
     ``complexity`` (structure) and ``verbosity`` (length against ``reference``)."""
     return {**helpsteer_scores(grade, answer), "complexity": complexity(answer),
             "verbosity": verbosity(answer, reference)}
@@ -321,7 +321,7 @@ def helpsteer_ratings(grade: Grade, answer: str, reference: str) -> dict[str, in
 
 def true_answer(question: str, scene: SceneTruth) -> str:
     """The annotator's own answer to a question about a scene, in the world's answer style
-    (``bpo_ray.world.scenes``): what the judge-answer SFT baseline of seed 002 trains on.
+    (``bpo_ray.world.scenes``): what the judge-answer SFT baseline of Li et al. 2024 trains on.
 
     existence "The cup yes." / "The dog no."; colour "Red."; count "Two."; position "On the left
     and at the top."; listing "A red cup and two blue dogs."; anything else the detailed caption.

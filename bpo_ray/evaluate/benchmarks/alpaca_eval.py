@@ -1,4 +1,4 @@
-"""AlpacaEval-style pairwise win rate against a reference output file (seed 002's Table 2).
+"""AlpacaEval-style pairwise win rate against a reference output file (Li et al. 2024's Table 2).
 
 Li et al., "AlpacaEval: An Automatic Evaluator of Instruction-following Models", 2023. Kept from
 the protocol: the input is a reference file in AlpacaEval's format (a JSON list of

@@ -1,4 +1,4 @@
-"""MT-Bench-style single-answer grading of multi-turn text questions (seed 002's text benchmark).
+"""MT-Bench-style single-answer grading of multi-turn text questions (Li et al. 2024's text benchmark).
 
 Zheng et al., "Judging LLM-as-a-Judge with MT-Bench and Chatbot Arena", 2023 (FastChat's
 ``llm_judge``). Kept from the protocol: the question file format (``question.jsonl``: one object a
@@ -10,7 +10,7 @@ view; a reference answer is shown to the judge when the question has one; the sc
 over all graded turns (and per turn). Our prompts say the same in our own words, so scores are not
 comparable with published MT-Bench numbers.
 
-Seed 002's noisy-image variant asks the same questions with a blank or a random image attached to
+Li et al. 2024's noisy-image variant asks the same questions with a blank or a random image attached to
 the first turn (``image_mode``), to see whether the MLLM's text ability survives an image.
 
 The bias world's miniature (``world_questions``) is *not* MT-Bench: two-turn reading questions
