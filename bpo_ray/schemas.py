@@ -17,13 +17,18 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from bpo_ray import storage
 
-PAIR_SCHEMA = pa.schema([
+#: The columns every row that comes from one source item starts with (pairs and annotations).
+ITEM_FIELDS = [
     pa.field("id", pa.string(), nullable=False),
     pa.field("source", pa.string(), nullable=False),
     pa.field("source_id", pa.string(), nullable=False),
     pa.field("image", pa.string(), nullable=False),
     pa.field("image_sha256", pa.string(), nullable=False),
     pa.field("prompt", pa.string(), nullable=False),
+]
+
+PAIR_SCHEMA = pa.schema([
+    *ITEM_FIELDS,
     pa.field("chosen", pa.string(), nullable=False),
     pa.field("rejected", pa.string(), nullable=False),
     pa.field("strategy", pa.string(), nullable=False),
@@ -49,12 +54,7 @@ HELPSTEER_ATTRIBUTES = ("helpfulness", "correctness", "coherence", "complexity",
 """HelpSteer's five attributes (Li et al. 2024, section 2.5 table), each rated 0-4."""
 
 ANNOTATION_SCHEMA = pa.schema([
-    pa.field("id", pa.string(), nullable=False),
-    pa.field("source", pa.string(), nullable=False),
-    pa.field("source_id", pa.string(), nullable=False),
-    pa.field("image", pa.string(), nullable=False),
-    pa.field("image_sha256", pa.string(), nullable=False),
-    pa.field("prompt", pa.string(), nullable=False),
+    *ITEM_FIELDS,
     pa.field("question", pa.string(), nullable=False),
     pa.field("reference", pa.string(), nullable=False),
     pa.field("completion_index", pa.int32(), nullable=False),

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Optional, Sequence
 
 from bpo_ray.metrics.nltk_tokenize import word_tokenize
+from bpo_ray.metrics.rohrbach import merge_two_word_objects
 from bpo_ray.metrics.wordnet import NounLemmatizer
 
 _ANIMALS = ("bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "animal", "cub")
@@ -70,18 +71,8 @@ class ObjHalExtractor:
 
     def caption_words(self, answer: str) -> ObjHalWords:
         lemmas = [self.lemmatizer.lemmatize(token) for token in word_tokenize(answer.lower())]
-        tokens: list[str] = []
-        starts: list[int] = []  # the reference records the loop index of *every* step here
-        i = 0
-        while i < len(lemmas):
-            starts.append(i)
-            pair = " ".join(lemmas[i:i + 2])
-            if pair in self.pairs:
-                tokens.append(self.pairs[pair])
-                i += 2
-            else:
-                tokens.append(lemmas[i])
-                i += 1
+        # ``starts``: the reference records the loop index of *every* step here
+        tokens, starts = merge_two_word_objects(lemmas, self.pairs)
         kept = tokens
         if "toilet" in kept and "seat" in kept:
             kept = [t for t in kept if t != "seat"]

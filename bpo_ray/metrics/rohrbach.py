@@ -189,6 +189,24 @@ QUALIFIED_VEHICLES: tuple[str, ...] = ("jet", "train")
 """After "passenger" these are the vehicle, not a person."""
 
 
+def merge_two_word_objects(words: list[str], pairs: dict[str, str]) -> tuple[list[str], list[int]]:
+    """Rohrbach's two-word pass (Object HalBench's too): a bigram in ``pairs`` becomes one word.
+    Returns the merged words and, per merged word, the index in ``words`` where it starts."""
+    merged: list[str] = []
+    starts: list[int] = []
+    i = 0
+    while i < len(words):
+        starts.append(i)
+        pair = " ".join(words[i:i + 2])
+        if pair in pairs:
+            merged.append(pairs[pair])
+            i += 2
+        else:
+            merged.append(words[i])
+            i += 1
+    return merged, starts
+
+
 def rohrbach_pairs() -> dict[str, str]:
     """Two-token phrase -> the word it is read as (Rohrbach et al.'s ``double_word_dict``)."""
     pairs = {phrase: phrase for phrase in COCO_DOUBLE_WORDS}
@@ -260,18 +278,7 @@ class RohrbachExtractor:
     def caption_words(self, caption: str) -> RohrbachWords:
         """The reference's ``caption_to_words``: tokens, singulars, pairs, toilet rule, lookup."""
         tokens = [self.singular(token) for token in treebank_tokenize(caption.lower())]
-        paired: list[str] = []
-        starts: list[int] = []
-        i = 0
-        while i < len(tokens):
-            starts.append(i)
-            pair = " ".join(tokens[i:i + 2])
-            if pair in self.pairs:
-                paired.append(self.pairs[pair])
-                i += 2
-            else:
-                paired.append(tokens[i])
-                i += 1
+        paired, starts = merge_two_word_objects(tokens, self.pairs)
         # A toilet's seat is the toilet. The reference then indexes the positions of the unfiltered
         # list by rank in the filtered one, which we keep.
         filtered = paired
