@@ -93,6 +93,20 @@ class MLLMRunner:
         trimmed = trim_ids(ids, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
         return Generation(self.tokenizer.decode(list(trimmed), skip_special_tokens=True).strip(), trimmed)
 
+    def sample_answers(self, rows: Sequence[int], images, prompts, n: int, sampling: SamplingConfig,
+                       seed_of) -> dict[int, list[tuple[str, int]]]:
+        """``n`` sampled answers per row to ``prompts[row]`` on ``images[row]`` (clean), in one batch;
+        ``seed_of(row, k)`` is sample ``k``'s seed. Row -> ``[(text, seed), ...]``."""
+        rep_rows = [i for i in rows for _ in range(n)]
+        rep_prompts = [prompts[i] for i in rep_rows]
+        encoded = self.encode([images[i] for i in rep_rows], rep_prompts)
+        seeds = [seed_of(i, k) for i in rows for k in range(n)]
+        outs = self.generate(rep_prompts, encoded, self.features(encoded["pixel_values"]), sampling, seeds)
+        answers: dict[int, list[tuple[str, int]]] = {i: [] for i in rows}
+        for i, s, gen in zip(rep_rows, seeds, outs):
+            answers[i].append((gen.text, s))
+        return answers
+
     def generate(self, prompts: Sequence[str], encoded, features: torch.Tensor, sampling: SamplingConfig,
                  seeds: Sequence[int]) -> list[Generation]:
         """One answer per prompt; ``features[i]`` fills prompt ``i``'s image slots.

@@ -245,17 +245,9 @@ class JudgeRankedSampler:
         rows = [rows[k] for k in fit]
         if not rows:
             return {}
-        prompts = [str(batch["llava_prompt"][i]) for i in rows]
-        rep_rows = [i for i in rows for _ in range(n)]
-        rep_prompts = [p for p in prompts for _ in range(n)]
-        encoded = self.runner.encode([images[i] for i in rep_rows], rep_prompts)
-        seeds = [sampling_seed(self.seed, STRATEGY, str(batch["item_id"][i]), k) for i in rows for k in range(n)]
-        feats = self.runner.features(encoded["pixel_values"])
-        outs = self.runner.generate(rep_prompts, encoded, feats, self.sampling, seeds)
-        samples: dict[int, list[tuple[str, int]]] = {i: [] for i in rows}
-        for i, s, gen in zip(rep_rows, seeds, outs):
-            samples[i].append((gen.text, s))
-        return samples
+        return self.runner.sample_answers(
+            rows, images, {i: str(batch["llava_prompt"][i]) for i in rows}, n, self.sampling,
+            lambda i, k: sampling_seed(self.seed, STRATEGY, str(batch["item_id"][i]), k))
 
     def _rank(self, batch, i: int, image, samples: list[tuple[str, int]]) -> dict[str, Any]:
         texts = [t for t, _ in samples]

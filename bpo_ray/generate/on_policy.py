@@ -230,17 +230,9 @@ class OnPolicySampler:
                 failed[i] = {"failed": "prompt_too_long"}
         if not fit:
             return {}
-        rep_rows = [i for i in fit for _ in range(n)]
-        rep_prompts = [prompts[i] for i in rep_rows]
-        encoded = self.runner.encode([images[i] for i in rep_rows], rep_prompts)
-        seeds = [sampling_seed(self.seed, f"{STRATEGY}.{purpose}", str(batch["item_id"][i]), k)
-                 for i in fit for k in range(n)]
-        feats = self.runner.features(encoded["pixel_values"])
-        outs = self.runner.generate(rep_prompts, encoded, feats, self.sampling, seeds)
-        answers: dict[int, list[tuple[str, int]]] = {i: [] for i in fit}
-        for i, s, gen in zip(rep_rows, seeds, outs):
-            answers[i].append((gen.text, s))
-        return answers
+        return self.runner.sample_answers(
+            fit, images, prompts, n, self.sampling,
+            lambda i, k: sampling_seed(self.seed, f"{STRATEGY}.{purpose}", str(batch["item_id"][i]), k))
 
     def _record(self, **extra: Any) -> dict[str, Any]:
         return {**self.provenance, **extra}
