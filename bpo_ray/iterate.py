@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from typing import Any, Optional, Sequence
 
@@ -98,23 +97,26 @@ def done_pairs(info: dict[str, Any]) -> int:
     return int(info["generate"]["pairs"])
 
 
-def main(argv: Sequence[str]) -> int:
-    from bpo_ray.config.args import add_config_args, config_from_args
+def build_parser() -> argparse.ArgumentParser:
+    from bpo_ray.config.args import stage_parser
 
-    ap = argparse.ArgumentParser(prog="bpo-ray iterate", description=__doc__.splitlines()[0])
-    add_config_args(ap)
+    ap = stage_parser("iterate", __doc__.splitlines()[0], out_help="output dir/URI: round-N/{generate,train,policy}/")
     ap.add_argument("--source", default=None, help="LLaVA-format source (default: <world.out>/train.jsonl)")
     ap.add_argument("--images", default=None, help="root that relative 'image' fields resolve against")
-    ap.add_argument("--out", required=True, help="output dir/URI: round-N/{generate,train,policy}/")
     ap.add_argument("--rounds", type=int, default=2)
-    args = ap.parse_args(list(argv))
+    return ap
+
+
+def main(argv: Sequence[str]) -> int:
+    from bpo_ray.config.args import config_from_args, stage_error
+
+    args = build_parser().parse_args(list(argv))
     cfg = config_from_args(args, ["generate.progress=false"])
     source = args.source or storage.join(cfg.world.out, "train.jsonl")
     try:
         summary = run_iterate(cfg, source, args.out, args.rounds, images=args.images)
     except ValueError as exc:
-        print(f"bpo-ray iterate: {exc}", file=sys.stderr)
-        return 2
+        return stage_error("iterate", exc)
     for info in summary["rounds"]:
         print(f"round {info['round']}: {info['generate']['pairs']} pairs, {info['train']['steps']} steps, "
               f"policy -> {info['next_policy']}")

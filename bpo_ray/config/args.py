@@ -8,18 +8,20 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from typing import Optional, Sequence
 
 
-def add_config_args(parser: argparse.ArgumentParser, default: str = "tiny") -> None:
-    """``--config`` (path, URI or named config) and repeatable ``--set key.path=value``."""
+def add_config_args(parser: argparse.ArgumentParser, default: str = "tiny", address: bool = True) -> None:
+    """``--config`` (path, URI or named config), repeatable ``--set key.path=value`` and (unless
+    ``address`` is false: a command that starts its own cluster) ``--address``."""
     parser.add_argument("--config", default=default, help=f"config YAML path/URI or named config (default: {default})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set train.beta=0.2 (repeatable)")
-    parser.add_argument("--address", default=None, metavar="ADDR",
-                        help="join this running Ray cluster (host:port, or 'auto': the one `ray start` started "
-                             "here); same as --set ray.address=ADDR. Default: RAY_ADDRESS if set, else a fresh "
-                             "local Ray instance")
+    if address:
+        parser.add_argument("--address", default=None, metavar="ADDR",
+                            help="join this running Ray cluster (host:port, or 'auto': the one `ray start` started "
+                                 "here); same as --set ray.address=ADDR. Default: RAY_ADDRESS if set, else a fresh "
+                                 "local Ray instance")
 
 
 def config_from_args(args: argparse.Namespace, extra: Sequence[str] = ()):
@@ -34,16 +36,38 @@ def config_from_args(args: argparse.Namespace, extra: Sequence[str] = ()):
         raise SystemExit(2) from None
 
 
-def stage_parser(command: str, description: str, pairs_help: str = "", out_help: str = "") -> argparse.ArgumentParser:
-    """``bpo-ray <command>``'s parser: the config arguments, plus required ``--pairs`` / ``--out``
-    when their help is given."""
-    parser = argparse.ArgumentParser(prog=f"bpo-ray {command}", description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(parser)
+def _parser(prog: str, description: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def stage_group(command: str, description: str) -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
+    """``bpo-ray <command> <subcommand>``: the parser, and its subcommands for ``stage_parser(...,
+    subcommands=)`` (or ``add_parser``); the chosen one's name is ``args.what``."""
+    parser = _parser(f"bpo-ray {command}", description)
+    return parser, parser.add_subparsers(dest="what", required=True)
+
+
+def stage_parser(command: str, description: str, pairs_help: str = "", out_help: str = "", *,
+                 out_required: bool = True, out_default: Optional[str] = None, config_default: str = "tiny",
+                 address: bool = True, subcommands: Optional[argparse._SubParsersAction] = None,
+                 help: Optional[str] = None) -> argparse.ArgumentParser:
+    """``bpo-ray <command>``'s parser: the config arguments (``add_config_args``: ``config_default``,
+    ``address``), plus a required ``--pairs`` and an ``--out`` (required unless ``out_required`` is
+    false; then ``out_default``) when their help is given.
+
+    With ``subcommands`` (what ``add_subparsers()`` returned), the parser is the subcommand
+    ``command`` of that parser (``help``: its line there); otherwise its ``prog`` is ``bpo-ray <command>``.
+    """
+    if subcommands is not None:
+        parser = subcommands.add_parser(command, help=help, description=description,
+                                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    else:
+        parser = _parser(f"bpo-ray {command}", description)
+    add_config_args(parser, config_default, address)
     if pairs_help:
         parser.add_argument("--pairs", required=True, help=pairs_help)
     if out_help:
-        parser.add_argument("--out", required=True, help=out_help)
+        parser.add_argument("--out", required=out_required, default=out_default, help=out_help)
     return parser
 
 

@@ -13,26 +13,24 @@ from typing import Optional, Sequence
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from bpo_ray.config.args import add_config_args
+    from bpo_ray.config.args import stage_parser
 
-    parser = argparse.ArgumentParser(
-        prog="bpo-ray evaluate",
-        description="Evaluate one served model on the configured benchmarks, then rewrite the report in --out "
-                    "over every model evaluated into it.")
-    add_config_args(parser)
+    parser = stage_parser(
+        "evaluate", "Evaluate one served model on the configured benchmarks, then rewrite the report in --out\n"
+                    "over every model evaluated into it.",
+        out_help="output directory or s3:// URI")
     parser.add_argument("--model-url", required=True, help="OpenAI-compatible base URL of the model app, e.g. http://127.0.0.1:8000/v1")
     parser.add_argument("--model", required=True, help="served model name (\"base\" or an adapter name)")
     parser.add_argument("--judge-url", default=None, help="judge proxy base URL, e.g. http://127.0.0.1:8000/judge/v1 "
                         "(token from BPO_JUDGE_TOKEN)")
-    parser.add_argument("--out", required=True, help="output directory or s3:// URI")
     parser.add_argument("--baseline", default=None, help="model the report compares against (default: 'base' if present)")
     parser.add_argument("--no-report", action="store_true", help="only write <out>/<model>/ (no report.md)")
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from bpo_ray.config.args import config_from_args
     from bpo_ray.config import dump_config
+    from bpo_ray.config.args import config_from_args, stage_error
     from bpo_ray.evaluate.pipeline import EvaluateError, collect_results, evaluate
     from bpo_ray.evaluate.report import write_report
     from bpo_ray.evaluate.sources import BenchmarkDataError
@@ -42,8 +40,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         metrics = evaluate(cfg, args.model_url, args.model, args.judge_url, args.out)
     except (EvaluateError, BenchmarkDataError) as exc:
-        print(f"bpo-ray evaluate: {exc}", file=sys.stderr)
-        return 2
+        return stage_error("evaluate", exc)
     print(json.dumps({"model": args.model, "benchmarks": metrics["benchmarks"], "counts": metrics["counts"]},
                      indent=2, default=str))
     if not args.no_report:

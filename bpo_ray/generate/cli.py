@@ -10,31 +10,28 @@ Rerunning with the same ``--out`` resumes: finished shards are kept, the rest ar
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Sequence
 
 from bpo_ray import storage
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from bpo_ray.config.args import add_config_args
+    from bpo_ray.config.args import stage_parser
 
-    ap = argparse.ArgumentParser(prog="bpo-ray generate", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(ap)
+    ap = stage_parser("generate", __doc__, out_help="output dir/URI (default: <storage.root>/generate)",
+                      out_required=False)
     ap.add_argument("--source", default=None,
                     help="LLaVA-format .json/.jsonl file, or a dir/prefix of them (local or s3://); "
                          "default: <world.out>/train.jsonl")
     ap.add_argument("--images", default=None,
                     help="root that relative 'image' fields resolve against (default: the source file's folder)")
-    ap.add_argument("--out", default=None, help="output dir/URI (default: <storage.root>/generate)")
     ap.add_argument("--restart", action="store_true", help="discard an earlier run under --out instead of resuming")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap
 
 
 def main(argv: Sequence[str]) -> int:
-    from bpo_ray.config.args import config_from_args
+    from bpo_ray.config.args import config_from_args, stage_error
     from bpo_ray.generate.pipeline import run_generate
     from bpo_ray.generate.shards import PlanMismatch
     from bpo_ray.generate.sources import SourceError
@@ -46,8 +43,7 @@ def main(argv: Sequence[str]) -> int:
     try:
         manifest = run_generate(cfg, source, out, images=args.images, restart=args.restart)
     except (SourceError, PlanMismatch, ValueError) as exc:
-        print(f"bpo-ray generate: {exc}", file=sys.stderr)
-        return 2
+        return stage_error("generate", exc)
     c, t = manifest.counts, manifest.timings
     print(f"generate: {c.items_in} items -> {c.paired} paired, {c.filtered} filtered, {c.quarantined} quarantined; "
           f"{c.pairs_written} pairs {dict(c.by_strategy)}")

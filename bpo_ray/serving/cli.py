@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from bpo_ray.config.args import add_config_args, config_from_args
+from bpo_ray.config.args import config_from_args, stage_error, stage_parser
 
 
 def parse_adapter(text: str) -> tuple[str, str]:
@@ -25,9 +25,7 @@ def parse_adapter(text: str) -> tuple[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bpo-ray serve", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(parser)
+    parser = stage_parser("serve", __doc__)
     parser.add_argument("--adapter", action="append", type=parse_adapter, default=[], metavar="NAME=DIR_OR_URI",
                         help="serve a LoRA adapter under this model name (repeatable)")
     parser.add_argument("--app", choices=["both", "model", "judge"], default="both", help="which apps to run")
@@ -53,16 +51,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         cfg = with_adapters(cfg, dict(args.adapter))
     except (ConfigError, ValueError) as exc:
-        print(f"bpo-ray serve: {exc}", file=sys.stderr)
-        return 2
+        return stage_error("serve", exc)
     apps = (MODEL_APP, JUDGE_APP) if args.app == "both" else (args.app,)
     if MODEL_APP in apps and "://" not in cfg.models.mllm:  # remote models are fetched by the replicas
         try:
             ensure_models(cfg.models, ["mllm"], cfg.name, "serve")
             resolve_model_path(cfg.models.mllm, cfg.models.cache_dir)
         except FileNotFoundError as exc:
-            print(f"bpo-ray serve: {exc}", file=sys.stderr)
-            return 2
+            return stage_error("serve", exc)
     init_ray(cfg.ray)
     urls = start_serving(cfg, apps)
     if urls.model:

@@ -13,22 +13,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from bpo_ray.config.args import add_config_args
+    from bpo_ray.config.args import stage_group, stage_parser
 
-    ap = argparse.ArgumentParser(prog="bpo-ray world", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="what", required=True)
-    build = sub.add_parser("build", help="build the world, its base model, and measure it",
-                           description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(build)
-    build.add_argument("--out", default=None, help="world directory (default: world.out of the config)")
+    ap, sub = stage_group("world", __doc__)
+    build = stage_parser("build", __doc__, out_help="world directory (default: world.out of the config)",
+                         out_required=False, subcommands=sub,
+                         help="build the world, its base model, and measure it")
     build.add_argument("--seed", type=int, default=None, help="world and recipe seed (default: world.seed)")
     build.add_argument("--models-out", default=None, help="base models' directory (default: <out>/../models)")
     build.add_argument("--no-model", action="store_true", help="build the data only (no base model, no evaluation)")
@@ -97,6 +93,8 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str]) -> int:
+    from bpo_ray.config.args import stage_error
+
     argv = list(argv)
     if argv[:1] == ["judge"]:
         from bpo_ray.world import judge_server
@@ -106,5 +104,4 @@ def main(argv: Sequence[str]) -> int:
     try:
         return run_build(args)
     except (FileNotFoundError, ValueError) as exc:
-        print(f"bpo-ray world: {exc}", file=sys.stderr)
-        return 2
+        return stage_error("world", exc)
