@@ -34,7 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bpo_ray.demo import DEMO_OVERRIDES, ensure_judge_tokens, world_annotator  # noqa: E402
+from bpo_ray.demo import DEMO_CONFIG, ensure_judge_tokens, world_annotator  # noqa: E402
 from bpo_ray.localcluster import LocalCluster, free_port, submit_and_wait  # noqa: E402
 
 FRACTIONS = (0.25, 0.5, 0.75, 1.0)
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/paper002")
     ap.add_argument("--from", dest="source", default=None,
                     help="reuse this run's world/ and models/ (copied; the source is only read)")
-    ap.add_argument("--config", default="tiny")
+    ap.add_argument("--config", default=DEMO_CONFIG, help="default: the demo's config (configs/demo.yaml)")
     ap.add_argument("--seed", type=int, default=0, help="world / generate / train seed")
     ap.add_argument("--items", type=int, default=400, help="training items annotated (4 completions each)")
     ap.add_argument("--text-questions", type=int, default=24, help="world MT-Bench-format questions")
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     models = out / "models"
     shared = ["--config", args.config, "--set", f"storage.root={out}", "--set", f"world.out={out / 'world'}",
               "--set", f"models.mllm={models / 'llava'}", "--set", f"models.text_llm={models / 'text_lm'}"]
-    for o in (*DEMO_OVERRIDES, f"world.seed={args.seed}", f"generate.seed={args.seed}", f"train.seed={args.seed}",
+    for o in (f"world.seed={args.seed}", f"generate.seed={args.seed}", f"train.seed={args.seed}",
               *args.overrides):
         shared += ["--set", o]
 

@@ -4,7 +4,7 @@
 
 Seed ``s`` builds its own world and base model (``world.seed``), samples its own pairs
 (``generate.seed``) and trains with its own seed (``train.seed``); everything else is the demo's
-configuration (``bpo_ray.demo``). Each seed is a full ``bpo-ray demo`` run under
+configuration (``configs/demo.yaml``, ``bpo_ray.demo``). Each seed is a full ``bpo-ray demo`` run under
 ``OUT/seed<s>``; the finished stages of a seed run before are kept (``bpo-ray demo --reuse``), so a
 new variant adds only its own stages (``--rerun`` runs everything again).
 Prints the table of mean ± sd over seeds for every model and column of the demo's report
@@ -30,14 +30,14 @@ def seed_overrides(seed: int) -> list[str]:
 
 
 def main() -> int:
-    from bpo_ray.demo import run_demo
+    from bpo_ray.demo import DEMO_CONFIG, run_demo
     from bpo_ray.evaluate.multiseed import (CHAIR_I, aggregate, check_targets, paired_deltas, read_headline,
                                             targets_markdown)
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", default="runs/science")
-    ap.add_argument("--config", default="tiny")
+    ap.add_argument("--config", default=DEMO_CONFIG, help="default: the demo's config (configs/demo.yaml)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--rerun", action="store_true", help="run every stage of every seed again, even if it finished before")
     args = ap.parse_args()

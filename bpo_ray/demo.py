@@ -11,6 +11,10 @@ The judge: the world's annotator (``bpo_ray.world.judge_server``) grades answers
 ground truth, as a person who sees the scene would; it runs on loopback beside the cluster and the
 judge proxy forwards to it as it would to GPT-4 (cache, rate limits, usage accounting all real).
 
+The demo's settings (its world, its sizes) are the named config ``demo`` (``configs/demo.yaml``:
+``tiny`` plus those settings), so any stage runs with them on its own (``--config demo``); what
+differs between the variants it trains is here (``VARIANTS``, ``ONPOLICY_GENERATE``).
+
 The demo is one draw (one world seed, one training seed); ``bench/science.py`` runs it over
 several seeds and prints mean ± sd. Every process pins its CPU kernels (``numerics`` in the tiny
 config), so two runs print the same report, on AVX2 and AVX-512 CPUs alike.
@@ -35,9 +39,9 @@ from typing import Callable, Iterator, Optional, Sequence
 from bpo_ray.localcluster import LocalCluster, free_port, submit_and_wait
 
 BOTH = ["image_weakened", "error_injection"]
-#: The diffusion step of the image-weakened negatives (the paper's reference code uses 500-900).
-#: Chosen from the base model's noise curve: on the demo world's base model CHAIR_i is flat up to
-#: t = 500 (0.08; the negatives would be its clean captions) and doubles by t = 800 (0.17).
+#: The diffusion step of the image-weakened negatives the BPO variants train on: the larger of the
+#: two steps the demo's generate run samples (``generate.sampler.noise.steps`` in
+#: ``configs/demo.yaml``, which says why 800).
 NOISE_STEP = 800
 
 # name -> (train.mode, strategies used, extra train overrides). Every variant trains on pairs from
@@ -78,34 +82,9 @@ ONPOLICY_GENERATE: tuple[str, ...] = (
 )
 
 
-# The demo's sizes: small enough for one 2-core machine in under 20 minutes. Any of them can be
-# overridden with --set. The 1200 items are a seeded sample of the whole train split (988 images);
-# the first 1200 items would cover only 269. Every benchmark covers every test image: all 300
-# captions (on the default world, the first 150 alone gave the base model CHAIR_i 0.207, all 300
-# gave 0.241) and one present + one absent POPE probe per image and split (600 a split). The
-# former cap of 300 probes a split asked about the first 50 images only: the base model's POPE F1
-# was 65.1 there against 68.4 over all 3x1266 probes (105 s per model; the 1800 take ~60 s).
-#
-# The demo's world: training scenes that co-occur as the prior says (``train_partner_rate`` 0.9;
-# val/test scenes stay independent), one patch per grid cell (clear evidence) and a shorter
-# alignment. Its base model sees well yet names absent prior partners. That is BPO's premise.
-# The default world (weak evidence, independent scenes) has errors that are not prior-driven, and
-# BPO does not help there; docs/world.md, "BPO on this world", has both.
-DEMO_OVERRIDES: tuple[str, ...] = (
-    "world.train_partner_rate=0.9",
-    "world.base_model.patch_size=16",
-    "world.base_model.align_steps=800",
-    "generate.sample_items=1200",
-    f"generate.sampler.noise.steps=[0,{NOISE_STEP}]",
-    "train.epochs=1",
-    "evaluate.pope.n_per_image=1",
-    # The judged benchmarks: a few dozen short items each (captions are a third of them), so the
-    # five models add about a minute to the evaluate steps.
-    "evaluate.mmvet.max_items=24",
-    "evaluate.llava_bench.max_items=24",
-    "evaluate.mmhal.max_items=24",
-    "evaluate.judge_model=bias-world-annotator",
-)
+#: The demo's settings: a named config, the tiny one plus the demo's world and sizes (its comments
+#: say why each); ``bpo-ray <stage> --config demo`` runs any stage with them.
+DEMO_CONFIG = "demo"
 #: Benchmarks that need the judge; the demo adds them to the evaluate config's default list.
 JUDGE_BENCHMARKS: tuple[str, ...] = ("mmvet", "llava_bench", "mmhal")
 
@@ -209,36 +188,78 @@ class DemoError(RuntimeError):
     """The demo cannot run as asked (e.g. ``--reuse`` over a run made with other settings)."""
 
 
+def demo_settings(config: str, overrides: Sequence[str]) -> dict:
+    """What ``demo_settings.json`` records: the config and overrides as given, and the config they
+    resolve to (``resolved``), which ``--reuse`` compares. Raises ``ConfigError`` on a bad one."""
+    from bpo_ray.config import load_config
+
+    return {"config": config, "overrides": list(overrides),
+            "resolved": load_config(config, overrides).model_dump(mode="json")}
+
+
+def _resolved(settings: dict) -> dict:
+    """The resolved config of recorded settings; a file from before ``resolved`` was recorded (its
+    overrides then held the demo's settings too, on ``tiny``) is resolved again."""
+    if "resolved" in settings:
+        return settings["resolved"]
+    return demo_settings(settings["config"], settings["overrides"])["resolved"]
+
+
+def _differences(before: dict, now: dict, prefix: str = "") -> list[str]:
+    """``key.path: before -> now`` for every value that differs between two resolved configs. A key
+    only one of them has is a setting the code gained or lost since, not a changed value: skipped."""
+    lines = []
+    for key in sorted(set(before) & set(now), key=str):
+        a, b = before[key], now[key]
+        if isinstance(a, dict) and isinstance(b, dict):
+            lines += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            lines.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return lines
+
+
 def _check_reuse(out: Path, settings: dict) -> None:
-    """Refuse to reuse stages of a run made with other settings; record the settings otherwise.
+    """Refuse to reuse stages of a run whose settings resolve to another config (however they were
+    spelled: a named config or ``--set`` overrides).
 
     A run made before the settings were recorded is reused as it is, with a warning."""
+    from bpo_ray.config import ConfigError
+
     path = out / SETTINGS_FILE
     if path.exists():
         before = json.loads(path.read_text())
-        if before != settings:
-            raise DemoError(f"--reuse: {out} was made with other settings ({path}); "
-                            f"before: {before}, now: {settings}. Use another --out, or run without --reuse.")
+        try:
+            changed = _differences(_resolved(before), settings["resolved"])
+        except ConfigError as exc:
+            raise DemoError(f"--reuse: the settings {out} was made with ({path}) no longer load: {exc}") from None
+        if changed:
+            raise DemoError(f"--reuse: {out} was made with other settings ({path}): {'; '.join(changed)}. "
+                            "Use another --out, or run without --reuse.")
     elif any(out.iterdir()):
         print(f"[demo] WARNING --reuse: {out} has no {SETTINGS_FILE}; reusing its finished stages unchecked", flush=True)
 
 
-def run_demo(out: Path, config: str, overrides: Sequence[str], num_cpus: int = 4, reuse: bool = False) -> dict:
-    """Run the demo under ``out``. With ``reuse``, a stage whose output is already complete there
-    (world, pairs, reference, an adapter, a model's metrics) is not run again; the others run as
-    usual, so a run can be continued or extended with a new variant."""
+def _sets(overrides: Sequence[str]) -> list[str]:
+    """``--set o`` for each override, as a stage's arguments."""
+    return [arg for o in overrides for arg in ("--set", o)]
+
+
+def run_demo(out: Path, config: str = DEMO_CONFIG, overrides: Sequence[str] = (), num_cpus: int = 4,
+             reuse: bool = False) -> dict:
+    """Run the demo under ``out`` with ``config`` (the demo's own by default) and ``overrides``.
+    With ``reuse``, a stage whose output is already complete there (world, pairs, reference, an
+    adapter, a model's metrics) is not run again; the others run as usual, so a run can be
+    continued or extended with a new variant. Raises ``ConfigError`` on a bad config or override."""
     out = out.resolve()
+    settings = demo_settings(config, overrides)
     out.mkdir(parents=True, exist_ok=True)
-    settings = {"config": config, "overrides": [*DEMO_OVERRIDES, *overrides]}
     if reuse:
         _check_reuse(out, settings)
     (out / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
     models = out / "models"
     shared = ["--config", config, "--set", f"storage.root={out}", "--set", f"world.out={out / 'world'}",
               "--set", f"models.mllm={models / 'llava'}",
-              "--set", f"models.text_llm={models / 'text_lm'}"]
-    for o in (*DEMO_OVERRIDES, *overrides):
-        shared += ["--set", o]
+              "--set", f"models.text_llm={models / 'text_lm'}", *_sets(overrides)]
     timings: dict[str, float] = {}
     summary_path = out / "demo_summary.json"
     # A reused stage keeps the wall time it took when it ran.
@@ -270,14 +291,14 @@ def run_demo(out: Path, config: str, overrides: Sequence[str], num_cpus: int = 4
               done=out / "reference" / "manifest.json")
         stage("generate on-policy pairs", "generate", [
             *shared, "--source", str(out / "world" / "train.jsonl"), "--images", str(out / "world"),
-            "--out", str(out / OWN_PAIRS["onpolicy"]), *[arg for o in ONPOLICY_GENERATE for arg in ("--set", o)]],
+            "--out", str(out / OWN_PAIRS["onpolicy"]), *_sets(ONPOLICY_GENERATE)],
               done=out / OWN_PAIRS["onpolicy"] / "manifest.json")
         for name, (mode, strategies, extra) in VARIANTS.items():
             pairs = out / OWN_PAIRS.get(name, "reference")
             stage(f"train {name}", "train", [*shared, "--pairs", str(pairs), "--out", str(out / "train" / name),
                                              "--set", f"train.mode={mode}",
                                              "--set", f"train.strategies=[{','.join(strategies)}]",
-                                             *[arg for o in extra for arg in ("--set", o)]],
+                                             *_sets(extra)],
                   done=out / "train" / name / "manifest.json")
         adapters = {name: out / "train" / name / "adapter" for name in VARIANTS}
         serve_and_evaluate(stage, out, shared, adapters, port, reuse=reuse)
@@ -289,20 +310,27 @@ def run_demo(out: Path, config: str, overrides: Sequence[str], num_cpus: int = 4
     return summary
 
 
-def main(argv: Sequence[str]) -> int:
-    ap = argparse.ArgumentParser(prog="bpo-ray demo", description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
-    ap.add_argument("--config", default="tiny")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+def build_parser() -> argparse.ArgumentParser:
+    from bpo_ray.config.args import stage_parser
+
+    # No --address: the demo starts its own local cluster and runs every stage on it.
+    ap = stage_parser("demo", __doc__.splitlines()[0], out_help="output directory (default: runs/demo)",
+                      out_required=False, out_default="runs/demo", config_default=DEMO_CONFIG, address=False)
     ap.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray head")
     ap.add_argument("--reuse", action="store_true",
-                    help="keep the finished stages of an earlier run in --out (same settings) and run the rest")
-    args = ap.parse_args(list(argv))
+                    help="keep the finished stages of an earlier run in --out (same resolved settings) and run the rest")
+    return ap
+
+
+def main(argv: Sequence[str]) -> int:
+    from bpo_ray.config import ConfigError
+    from bpo_ray.config.args import stage_error
+
+    args = build_parser().parse_args(list(argv))
     try:
         summary = run_demo(Path(args.out), args.config, args.overrides, args.num_cpus, reuse=args.reuse)
-    except DemoError as e:
-        print(f"bpo-ray demo: {e}", file=sys.stderr)
-        return 2
+    except (DemoError, ConfigError) as exc:
+        return stage_error("demo", exc)
     _banner("demo finished")
     report = Path(summary["report"])
     if report.exists():

@@ -43,11 +43,53 @@ def test_malformed_override_and_unknown_config():
         load_config("no-such-config")
 
 
-def test_demo_overrides_are_valid_and_cover_every_test_image():
-    from bpo_ray.demo import DEMO_OVERRIDES
+#: The demo's settings as bpo_ray/demo.py spelled them before they became configs/demo.yaml.
+OLD_DEMO_OVERRIDES = [
+    "world.train_partner_rate=0.9",
+    "world.base_model.patch_size=16",
+    "world.base_model.align_steps=800",
+    "generate.sample_items=1200",
+    "generate.sampler.noise.steps=[0,800]",
+    "train.epochs=1",
+    "evaluate.pope.n_per_image=1",
+    "evaluate.mmvet.max_items=24",
+    "evaluate.llava_bench.max_items=24",
+    "evaluate.mmhal.max_items=24",
+    "evaluate.judge_model=bias-world-annotator",
+]
 
-    cfg = load_config("tiny", DEMO_OVERRIDES)
+
+def test_demo_config_is_tiny_with_the_demo_settings():
+    """The named config ``demo`` resolves to what the demo ran with when its settings were
+    overrides on ``tiny``: the same values, the name included (manifests and reports record it)."""
+    assert load_config("demo") == load_config("tiny", OLD_DEMO_OVERRIDES)
+    assert load_config("demo", ["train.epochs=3"]).train.epochs == 3  # --set still wins
+
+
+def test_demo_config_covers_every_test_image():
+    from bpo_ray.demo import NOISE_STEP
+
+    cfg = load_config("demo")
     assert cfg.world.train_partner_rate == 0.9
     assert cfg.generate.sample_items == 1200
     assert cfg.evaluate.max_items is None  # no benchmark is cut to its first N items
     assert cfg.evaluate.pope.n_per_image == 1
+    assert NOISE_STEP in cfg.generate.sampler.noise.steps  # the step the BPO variants train on is sampled
+
+
+def test_a_config_extends_its_base(tmp_path):
+    """``base:`` names a config (named, or a path beside the file); sections merge key by key, other
+    values (lists too) replace; a loop is an error."""
+    (tmp_path / "mid.yaml").write_text("base: tiny\nname: mid\ntrain: {beta: 0.3}\n")
+    (tmp_path / "top.yaml").write_text("base: mid.yaml\ngenerate: {sampler: {noise: {steps: [900]}}}\n")
+    cfg, tiny = load_config(str(tmp_path / "top.yaml")), load_config("tiny")
+    assert cfg.name == "mid" and cfg.train.beta == 0.3 and cfg.train.epochs == tiny.train.epochs
+    assert cfg.generate.sampler.noise.steps == [900]
+    assert cfg.generate.sampler.noise.num_steps == tiny.generate.sampler.noise.num_steps
+    assert cfg.generate.sampler.sampling == tiny.generate.sampler.sampling
+    (tmp_path / "mid.yaml").write_text("base: top.yaml\n")
+    with pytest.raises(ConfigError, match="'base' loop"):
+        load_config(str(tmp_path / "top.yaml"))
+    (tmp_path / "mid.yaml").write_text("base: no-such-config\n")
+    with pytest.raises(ConfigError, match="no-such-config"):
+        load_config(str(tmp_path / "top.yaml"))

@@ -5,8 +5,10 @@ import json
 
 import pytest
 
-from bpo_ray.demo import OWN_PAIRS, SETTINGS_FILE, VARIANTS, DemoError, demo_benchmarks, evaluated, run_demo
+from bpo_ray.demo import (OWN_PAIRS, SETTINGS_FILE, VARIANTS, DemoError, _check_reuse, demo_benchmarks, demo_settings,
+                          evaluated, run_demo)
 from bpo_ray.localcluster import LocalCluster, submit_and_wait
+from test_config import OLD_DEMO_OVERRIDES
 
 
 def _finished_run(out):
@@ -55,6 +57,43 @@ def test_reuse_with_other_settings_is_refused(tmp_path):
         run_demo(tmp_path, "tiny", ["world.seed=2"], num_cpus=1, reuse=True)
     # nothing was overwritten: the recorded settings are still the earlier run's
     assert json.loads((tmp_path / SETTINGS_FILE).read_text())["overrides"] == ["world.seed=1"]
+
+
+def _recorded(out, settings):
+    _finished_run(out)
+    (out / SETTINGS_FILE).write_text(json.dumps(settings))
+
+
+def test_reuse_compares_the_resolved_config_not_its_spelling(tmp_path):
+    """``--reuse`` accepts an earlier run whose settings resolve to the same config, however they
+    were spelled (a run from before configs/demo.yaml recorded the demo's settings as overrides on
+    tiny), and refuses one where a resolved value changed, naming it."""
+    _recorded(tmp_path, {"config": "tiny", "overrides": [*OLD_DEMO_OVERRIDES, "world.seed=3"]})  # the old format
+    _check_reuse(tmp_path, demo_settings("demo", ["world.seed=3"]))
+    _recorded(tmp_path, demo_settings("demo", ["train.epochs=1"]))  # the demo's own value, spelled out
+    _check_reuse(tmp_path, demo_settings("demo", []))
+    with pytest.raises(DemoError, match=r"other settings .*train\.epochs: 1(\.0)? -> 2"):
+        _check_reuse(tmp_path, demo_settings("demo", ["train.epochs=2"]))
+    with pytest.raises(DemoError, match=r"world\.train_partner_rate: 0\.9 -> 0\.5"):  # a changed demo.yaml value
+        _check_reuse(tmp_path, demo_settings("demo", ["world.train_partner_rate=0.5"]))
+    with pytest.raises(DemoError, match=r"evaluate\.mmvet\.max_items: 24 -> None"):  # the demo's settings dropped
+        _check_reuse(tmp_path, demo_settings("tiny", []))
+    # a setting the code gained (or lost) since the run is no changed value
+    older = demo_settings("demo", [])
+    del older["resolved"]["train"]["beta"]
+    older["resolved"]["train"]["retired_knob"] = 1
+    _recorded(tmp_path, older)
+    _check_reuse(tmp_path, demo_settings("demo", []))
+
+
+def test_demo_cli_takes_the_demo_config_and_refuses_a_bad_override(tmp_path, capsys):
+    from bpo_ray.demo import build_parser, main
+
+    args = build_parser().parse_args([])
+    assert (args.config, args.out, args.overrides) == ("demo", "runs/demo", [])
+    assert main(["--out", str(tmp_path / "run"), "--set", "train.betta=1"]) == 2  # before any cluster starts
+    assert "unknown key 'train.betta'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_stages_run_as_ray_jobs_through_python_m_bpo_ray(capsys):

@@ -28,6 +28,7 @@ def installed(tmp_path_factory):
     wheel, = (tmp / "dist").glob("bpo_ray-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "bpo_ray/configs/tiny.yaml" in names and "bpo_ray/train/deepspeed/zero3.json" in names
+    assert "bpo_ray/configs/demo.yaml" in names
     target = tmp / "site"
     inst = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
                           capture_output=True, text=True, timeout=600)
@@ -67,10 +68,12 @@ def test_named_configs_and_deepspeed_json_come_from_the_package(installed):
             "from bpo_ray.train.zero import load_deepspeed_template\n"
             "import json\n"
             "print(json.dumps([resolve_config_path('tiny'), resolve_config_path('llava-1.5-7b'),\n"
-            "                  load_config('llava-1.5-7b').name,\n"
+            "                  resolve_config_path('demo'), load_config('llava-1.5-7b').name,\n"
+            "                  [load_config('demo').name, load_config('demo').train.epochs],\n"
             "                  load_deepspeed_template(TrainConfig(zero_stage=3))['zero_optimization']['stage']]))")
     res = _run([sys.executable, "-c", code], installed)
     assert res.returncode == 0, res.stderr[-2000:]
-    tiny, llava, name, stage = json.loads(res.stdout)
-    assert Path(tiny).is_relative_to(target) and Path(llava).is_relative_to(target)
+    tiny, llava, demo, name, demo_cfg, stage = json.loads(res.stdout)
+    assert all(Path(p).is_relative_to(target) for p in (tiny, llava, demo))
     assert name == "llava-1.5-7b" and stage == 3
+    assert demo_cfg == ["tiny", 1]  # demo.yaml's own value over its base's (tiny, from the package too)

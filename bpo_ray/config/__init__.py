@@ -1,7 +1,9 @@
 """Typed, validated configs: one shared part plus one section per stage.
 
 ``load_config("configs/tiny.yaml", overrides=["train.beta=0.2"])`` returns a ``BPOConfig``;
-a bad key or value raises ``ConfigError`` naming the key path and the value.
+a bad key or value raises ``ConfigError`` naming the key path and the value. A config file may
+start from another with ``base: <named config, path or URI>`` and set only what differs
+(``configs/demo.yaml`` is ``tiny`` plus the demo's settings).
 """
 
 from __future__ import annotations
@@ -59,9 +61,48 @@ def config_from_dict(data: dict[str, Any], overrides: Iterable[str] = ()) -> BPO
         raise ConfigError(format_validation_error(exc, BPOConfig, data)) from None
 
 
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``: sections merge key by key, any other value (lists too) replaces,
+    as a ``--set`` of each of ``top``'s values would."""
+    out = dict(base)
+    for key, value in top.items():
+        both_sections = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merge(out[key], value) if both_sections else value
+    return out
+
+
+def _base_path(base: Any, including: str) -> str:
+    """Where a ``base:`` points: a local path is read beside the file that names it first, then as
+    ``--config`` reads it (a path from here, a URI, a named config)."""
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{including}: 'base' must name a config (a named config, path or URI), got {base!r}")
+    if "://" not in base and "://" not in including:
+        beside = Path(including).parent / base
+        if beside.is_file():
+            return str(beside)
+    return resolve_config_path(base)
+
+
+def _identity(path: str) -> str:
+    return path if "://" in path else str(Path(path).resolve())
+
+
+def read_config_file(path: str, _including: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The mapping a config file stands for: its ``base:`` chain merged, then the file's own keys."""
+    data = read_yaml(path)
+    if "base" not in data:
+        return data
+    base = _base_path(data.pop("base"), path)
+    chain = (*_including, path)
+    if _identity(base) in map(_identity, chain):
+        raise ConfigError(f"config 'base' loop: {' -> '.join([*chain, base])}")
+    return _merge(read_config_file(base, chain), data)
+
+
 def load_config(path: Optional[str] = "tiny", overrides: Iterable[str] = ()) -> BPOConfig:
-    """Load a YAML config (a path, URI or named config) and apply ``key.path=value`` overrides."""
-    data = read_yaml(resolve_config_path(path)) if path else {}
+    """Load a YAML config (a path, URI or named config; see ``read_config_file`` for ``base:``) and
+    apply ``key.path=value`` overrides."""
+    data = read_config_file(resolve_config_path(path)) if path else {}
     return config_from_dict(data, overrides)
 
 
@@ -72,6 +113,6 @@ def dump_config(cfg: BPOConfig) -> str:
 
 __all__ = [
     "BPOConfig", "ConfigError", "StrictModel", "load_config", "config_from_dict", "dump_config",
-    "resolve_config_path", "ModelsConfig", "NumericsConfig", "RayConfig", "StorageConfig", "WorldConfig",
+    "read_config_file", "resolve_config_path", "ModelsConfig", "NumericsConfig", "RayConfig", "StorageConfig", "WorldConfig",
     "GenerateConfig", "TrainConfig", "ReferenceConfig", "ServeConfig", "EvaluateConfig",
 ]
