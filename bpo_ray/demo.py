@@ -104,18 +104,27 @@ DEMO_OVERRIDES: tuple[str, ...] = (
     "evaluate.mmvet.max_items=24",
     "evaluate.llava_bench.max_items=24",
     "evaluate.mmhal.max_items=24",
+    # Object HalBench and AMBER in their public file formats, written from the test split: the
+    # first 100 scenes' captions, and 50 scenes' AMBER queries (a description and two existence
+    # probes each). About 40 s a model.
+    "evaluate.objhal.max_items=100",
+    "evaluate.amber.max_items=150",
     "evaluate.judge_model=bias-world-annotator",
 )
-#: Benchmarks that need the judge; the demo adds them to the evaluate config's default list.
+#: Rule-scored benchmarks the demo adds to the evaluate config's default list (world files in the
+#: public formats, ``bpo_ray.world.public_files``).
+FILE_BENCHMARKS: tuple[str, ...] = ("objhal", "amber")
+#: Benchmarks that need the judge; the demo adds them too.
 JUDGE_BENCHMARKS: tuple[str, ...] = ("mmvet", "llava_bench", "mmhal")
 
 
 def demo_benchmarks() -> list[str]:
-    """The evaluate config's default benchmarks followed by every judged one."""
+    """The evaluate config's default benchmarks, then Object HalBench, AMBER and every judged one:
+    every benchmark bpo-ray has."""
     from bpo_ray.config.evaluate import EvaluateConfig
 
     defaults = list(EvaluateConfig().benchmarks)
-    return defaults + [b for b in JUDGE_BENCHMARKS if b not in defaults]
+    return defaults + [b for b in FILE_BENCHMARKS + JUDGE_BENCHMARKS if b not in defaults]
 
 
 def ensure_judge_tokens() -> None:

@@ -54,9 +54,13 @@ def load_benchmark(name: str, cfg: BPOConfig) -> LoadedBenchmark:
         limit = s.max_items or limit
         return llava_bench.load_world(world_dir(cfg), s, limit) if s.source == "world" else llava_bench.load_official(s, limit)
     if name == "objhal":
-        return objhal.load(ecfg.objhal, limit)
+        s = ecfg.objhal
+        limit = s.max_items or limit
+        return objhal.load_world(world_dir(cfg), s, limit) if s.source == "world" else objhal.load(s, limit)
     if name == "amber":
-        return amber.load(ecfg.amber, limit)
+        s = ecfg.amber
+        limit = s.max_items or limit
+        return amber.load_world(world_dir(cfg), s, limit) if s.source == "world" else amber.load(s, limit)
     if name == "mmhal":
         s = ecfg.mmhal
         limit = s.max_items or limit
