@@ -34,7 +34,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from bpo_ray.localcluster import LocalCluster, free_port, submit_and_wait
 
@@ -85,16 +85,20 @@ ONPOLICY_GENERATE: tuple[str, ...] = (
 #: The demo's settings: a named config, the tiny one plus the demo's world and sizes (its comments
 #: say why each); ``bpo-ray <stage> --config demo`` runs any stage with them.
 DEMO_CONFIG = "demo"
-#: Benchmarks that need the judge; the demo adds them to the evaluate config's default list.
+#: Rule-scored benchmarks the demo adds to the evaluate config's default list (world files in the
+#: public formats, ``bpo_ray.world.public_files``).
+FILE_BENCHMARKS: tuple[str, ...] = ("objhal", "amber")
+#: Benchmarks that need the judge; the demo adds them too.
 JUDGE_BENCHMARKS: tuple[str, ...] = ("mmvet", "llava_bench", "mmhal")
 
 
 def demo_benchmarks() -> list[str]:
-    """The evaluate config's default benchmarks followed by every judged one."""
+    """The evaluate config's default benchmarks, then Object HalBench, AMBER and every judged one:
+    every benchmark bpo-ray has."""
     from bpo_ray.config.evaluate import EvaluateConfig
 
     defaults = list(EvaluateConfig().benchmarks)
-    return defaults + [b for b in JUDGE_BENCHMARKS if b not in defaults]
+    return defaults + [b for b in FILE_BENCHMARKS + JUDGE_BENCHMARKS if b not in defaults]
 
 
 def ensure_judge_tokens() -> None:
@@ -141,24 +145,29 @@ def world_annotator(world_dir: Path, log: Path, timeout_s: float = 120) -> Itera
             proc.wait()
 
 
-def evaluated(metrics_path: Path) -> bool:
-    """Whether a model's metrics exist and cover every benchmark the demo runs."""
-    if not metrics_path.exists():
-        return False
-    return set(demo_benchmarks()) <= set(json.loads(metrics_path.read_text()).get("benchmarks", {}))
+def still_to_evaluate(metrics_path: Path, evaluate_cfg: Any) -> list[str]:
+    """The demo's benchmarks that a model's ``metrics.json`` lacks or scored under other evaluate
+    settings (all of them when it does not exist)."""
+    from bpo_ray.evaluate.pipeline import stale_benchmarks
+
+    earlier = json.loads(metrics_path.read_text()) if metrics_path.exists() else None
+    return stale_benchmarks(earlier, evaluate_cfg.model_copy(update={"benchmarks": demo_benchmarks()}))
 
 
 def serve_and_evaluate(stage: Callable[..., None], out: Path, shared: list[str],
-                       adapters: dict[str, Path], port: int, reuse: bool = False) -> None:
+                       adapters: dict[str, Path], port: int, evaluate_cfg: Any = None) -> None:
     """The demo's serve and evaluate steps: the world's annotator on loopback, the serve stage
     (base + ``adapters`` by name, and the judge proxy forwarding to the annotator), then one
     evaluate job per model with every benchmark, the judged ones through the proxy.
 
-    ``stage(label, job, args)`` submits one stage job and waits for it. With ``reuse``, a model
-    whose metrics already cover every benchmark is not evaluated again (nothing is served when
-    no model is left).
+    ``stage(label, job, args)`` submits one stage job and waits for it. With ``evaluate_cfg`` (the
+    resolved ``evaluate`` config; ``--reuse``), a model is evaluated only on the benchmarks its
+    metrics lack or scored under other settings, and the others are kept (``evaluate --add``);
+    nothing is served when no model has any left.
     """
-    models = [m for m in ["base", *adapters] if not (reuse and evaluated(out / "eval" / m / "metrics.json"))]
+    todo = {m: (still_to_evaluate(out / "eval" / m / "metrics.json", evaluate_cfg) if evaluate_cfg is not None
+                else demo_benchmarks()) for m in ["base", *adapters]}
+    models = [m for m, names in todo.items() if names]
     if not models:
         print("[demo] serve + evaluate: every model's metrics exist; reused", flush=True)
         return
@@ -170,11 +179,13 @@ def serve_and_evaluate(stage: Callable[..., None], out: Path, shared: list[str],
         served = [arg for name, path in adapters.items() for arg in ("--adapter", f"{name}={path}")]
         stage("serve (detached)", "serve", [*shared, *judge, *served, "--port", str(port), "--detach"])
         url = f"http://127.0.0.1:{port}"
-        benchmarks = f"evaluate.benchmarks=[{','.join(demo_benchmarks())}]"
         for model in models:
-            stage(f"evaluate {model}", "evaluate", [*shared, "--model-url", f"{url}/v1", "--model", model,
-                                                    "--judge-url", f"{url}/judge/v1", "--set", benchmarks,
-                                                    "--out", str(out / "eval")])
+            adding = len(todo[model]) < len(demo_benchmarks())
+            label = f"evaluate {model}" + (f" ({', '.join(todo[model])})" if adding else "")
+            stage(label, "evaluate", [*shared, "--model-url", f"{url}/v1", "--model", model,
+                                      "--judge-url", f"{url}/judge/v1", "--set",
+                                      f"evaluate.benchmarks=[{','.join(todo[model])}]",
+                                      "--out", str(out / "eval"), *(["--add"] if adding else [])])
 
 
 def _banner(text: str) -> None:
@@ -218,9 +229,17 @@ def _differences(before: dict, now: dict, prefix: str = "") -> list[str]:
     return lines
 
 
+def _evaluate_config(config: str, overrides: Sequence[str]) -> Any:
+    from bpo_ray.config import load_config
+
+    return load_config(config, overrides).evaluate
+
+
 def _check_reuse(out: Path, settings: dict) -> None:
     """Refuse to reuse stages of a run whose settings resolve to another config (however they were
-    spelled: a named config or ``--set`` overrides).
+    spelled: a named config or ``--set`` overrides). The ``evaluate`` section is not compared here:
+    each model's ``metrics.json`` records the settings it was scored under, and only benchmarks
+    scored under other ones are evaluated again (``still_to_evaluate``).
 
     A run made before the settings were recorded is reused as it is, with a warning."""
     from bpo_ray.config import ConfigError
@@ -229,7 +248,8 @@ def _check_reuse(out: Path, settings: dict) -> None:
     if path.exists():
         before = json.loads(path.read_text())
         try:
-            changed = _differences(_resolved(before), settings["resolved"])
+            changed = _differences(*({k: v for k, v in c.items() if k != "evaluate"}
+                                     for c in (_resolved(before), settings["resolved"])))
         except ConfigError as exc:
             raise DemoError(f"--reuse: the settings {out} was made with ({path}) no longer load: {exc}") from None
         if changed:
@@ -301,7 +321,7 @@ def run_demo(out: Path, config: str = DEMO_CONFIG, overrides: Sequence[str] = ()
                                              *_sets(extra)],
                   done=out / "train" / name / "manifest.json")
         adapters = {name: out / "train" / name / "adapter" for name in VARIANTS}
-        serve_and_evaluate(stage, out, shared, adapters, port, reuse=reuse)
+        serve_and_evaluate(stage, out, shared, adapters, port, _evaluate_config(config, overrides) if reuse else None)
     # "total" is what the whole run cost: the sum of its stages, whenever they ran.
     timings["total"] = round(sum(timings.values()), 1)
     summary = {"out": str(out), "report": str(out / "eval" / "report.md"), "timings_s": timings,

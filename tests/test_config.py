@@ -55,6 +55,8 @@ OLD_DEMO_OVERRIDES = [
     "evaluate.mmvet.max_items=24",
     "evaluate.llava_bench.max_items=24",
     "evaluate.mmhal.max_items=24",
+    "evaluate.objhal.max_items=100",
+    "evaluate.amber.max_items=150",
     "evaluate.judge_model=bias-world-annotator",
 ]
 

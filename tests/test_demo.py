@@ -6,7 +6,7 @@ import json
 import pytest
 
 from bpo_ray.demo import (OWN_PAIRS, SETTINGS_FILE, VARIANTS, DemoError, _check_reuse, demo_benchmarks, demo_settings,
-                          evaluated, run_demo)
+                          run_demo, still_to_evaluate)
 from bpo_ray.localcluster import LocalCluster, submit_and_wait
 from test_config import OLD_DEMO_OVERRIDES
 
@@ -23,16 +23,28 @@ def _finished_run(out):
     for model in ["base", *VARIANTS]:
         metrics = out / "eval" / model / "metrics.json"
         metrics.parent.mkdir(parents=True, exist_ok=True)
-        metrics.write_text(json.dumps({"benchmarks": {b: {} for b in demo_benchmarks()}}))
+        metrics.write_text(json.dumps({"benchmarks": {b: {} for b in demo_benchmarks()},
+                                       "config": _demo_evaluate_config().model_dump(mode="json")}))
 
 
-def test_metrics_without_every_demo_benchmark_are_evaluated_again(tmp_path):
+def _demo_evaluate_config(*overrides: str):
+    from bpo_ray.config import load_config
+
+    return load_config("demo", list(overrides)).evaluate
+
+
+def test_only_missing_or_changed_benchmarks_are_evaluated_again(tmp_path):
+    ecfg = _demo_evaluate_config()
     metrics = tmp_path / "metrics.json"
-    assert not evaluated(metrics)
-    metrics.write_text(json.dumps({"benchmarks": {"chair": {}, "pope": {}}}))  # made before the judged ones
-    assert not evaluated(metrics)
-    metrics.write_text(json.dumps({"benchmarks": {b: {} for b in demo_benchmarks()}}))
-    assert evaluated(metrics)
+    assert still_to_evaluate(metrics, ecfg) == demo_benchmarks()  # nothing evaluated yet
+    recorded = ecfg.model_dump(mode="json")
+    metrics.write_text(json.dumps({"benchmarks": {"chair": {}, "pope": {}}, "config": recorded}))
+    assert still_to_evaluate(metrics, ecfg) == [b for b in demo_benchmarks() if b not in ("chair", "pope")]
+    metrics.write_text(json.dumps({"benchmarks": {b: {} for b in demo_benchmarks()}, "config": recorded}))
+    assert still_to_evaluate(metrics, ecfg) == []
+    # another POPE setting re-evaluates POPE only; another shared setting re-evaluates everything
+    assert still_to_evaluate(metrics, _demo_evaluate_config("evaluate.pope.n_per_image=2")) == ["pope"]
+    assert still_to_evaluate(metrics, _demo_evaluate_config("evaluate.max_tokens=80")) == demo_benchmarks()
 
 
 def test_reuse_of_a_finished_run_submits_nothing(tmp_path, capsys):

@@ -246,6 +246,48 @@ def test_every_benchmark_through_model_and_judge(ray_cluster, servers, world, tm
           f"{servers['judge_app'].state.requests}; metrics timings {metrics['timings']}")
 
 
+def test_objhal_and_amber_on_the_world_files(ray_cluster, servers, world, tmp_path):
+    """Object HalBench and AMBER with ``source: world``: the world's test split in the public file
+    formats, read by the public loaders, answered by the served model; every number recomputed
+    from the answers with the reference-parity scorers and the written files."""
+    from bpo_ray.evaluate import evaluate
+    from bpo_ray.evaluate.benchmarks import amber as amber_bench
+    from bpo_ray.metrics.amber import score_discriminative
+    from bpo_ray.metrics.objhal import ObjHalExtractor, score_objhal
+    from bpo_ray.metrics.wordnet import NounLemmatizer
+
+    cfg = _config(world["dir"], "evaluate.benchmarks=[objhal,amber]", "evaluate.objhal.max_items=5", "evaluate.objhal.max_tokens=24",
+                  "evaluate.amber.max_items=9")
+    metrics = evaluate(cfg, servers["model"], "base", None, str(tmp_path), progress=False)
+    items = _items(tmp_path / "base")
+    rows = {name: [i for i in items if i["benchmark"] == name] for name in ("objhal", "amber")}
+    assert [len(rows["objhal"]), len(rows["amber"])] == [5, 9]  # 3 AMBER queries a scene
+    assert metrics["sources"] == {"objhal": "world", "amber": "world"}
+    for name, got in rows.items():  # the deleted image fails its items with a reason, nothing is lost
+        failed = [r for r in got if r["error"]]
+        assert {r["error"] for r in failed} <= {"missing_image"} and {r["image"] for r in failed} <= {world["missing"]}
+        assert metrics["counts"][name] == {"items": len(got), "scored": len(got) - len(failed),
+                                           "failed": len(failed), "skipped_at_load": 0}
+    assert any(r["error"] for r in items)
+
+    files = Path(world["dir"]) / "public"
+    extractor = ObjHalExtractor((files / "objhal" / "synonyms.txt").read_text().splitlines(),
+                                NounLemmatizer.from_dir(str(files / "objhal" / "wordnet")))
+    ok = [r for r in rows["objhal"] if not r["error"]]
+    expected = score_objhal([r["answer"] for r in ok], [r["meta"]["objects"] for r in ok], extractor).summary()
+    for key in ("CHAIRs_refine", "CHAIRi", "obj_rec"):
+        assert metrics["benchmarks"]["objhal"][key] == pytest.approx(expected[key]), key
+
+    ok = [r for r in rows["amber"] if not r["error"]]
+    disc = [(r["meta"]["type"], r["meta"]["truth"], r["answer"]) for r in ok if r["meta"]["type"] != "generative"]
+    assert {t for _, t, _ in disc} == {"yes", "no"}
+    got = metrics["benchmarks"]["amber"]
+    assert got["discriminative"] == score_discriminative(disc)
+    assert got["discriminative_normalized"] == score_discriminative(
+        (k, t, amber_bench.normalized_yes_no(a)) for k, t, a in disc)
+    assert set(got["generative"]) == {"CHAIR", "Cover", "Hal", "Cog"} and got["similarity"] == "none"
+
+
 def test_cli_runs_one_model_at_a_time_into_one_report(ray_cluster, servers, world, tmp_path, capsys):
     """Two models evaluated by ``bpo-ray evaluate`` into one --out: the report compares both."""
     from bpo_ray.cli import main

@@ -73,6 +73,7 @@ def test_objhal_and_amber_through_evaluate(ray_cluster, tmp_path):
     o, a = PARITY / "objhal", PARITY / "amber"
     cfg = load_config("tiny", [
         "evaluate.benchmarks=[objhal,amber]", "evaluate.concurrency=4", "evaluate.max_tokens=512",
+        "evaluate.objhal.source=objhal", "evaluate.amber.source=amber",
         f"evaluate.objhal.questions={tmp_path / 'questions.jsonl'}", f"evaluate.objhal.instances={o / 'instances_val2014.json'}",
         f"evaluate.objhal.captions={o / 'captions_val2014.json'}", f"evaluate.objhal.synonyms={o / 'synonyms_refine.txt'}",
         f"evaluate.objhal.wordnet={o / 'wordnet'}", f"evaluate.objhal.images={images}",

@@ -126,8 +126,11 @@ class MMHalSettings(StrictModel):
 
 
 class ObjHalSettings(StrictModel):
-    """Object HalBench as RLHF-V / RLAIF-V score it (``bpo_ray.metrics.objhal``); no bias-world source."""
+    """Object HalBench as RLHF-V / RLAIF-V score it (``bpo_ray.metrics.objhal``)."""
 
+    source: Literal["world", "objhal"] = Field(
+        "world", description="'world' = the bias world's test split written in Object HalBench's file formats "
+        "(bpo_ray.world.public_files); 'objhal' = the files below")
     questions: Optional[str] = Field(None, description="obj_halbench_300_with_image.jsonl ({image_id, question, image (base64) | image_path})")
     instances: Optional[str] = Field(None, description="COCO instances_val2014.json")
     captions: Optional[str] = Field(None, description="COCO captions_val2014.json")
@@ -136,11 +139,21 @@ class ObjHalSettings(StrictModel):
     images: Optional[str] = Field(None, description="directory image_path / COCO_val2014_<id>.jpg names are relative to")
     image_cache: str = Field("~/.cache/bpo-ray/objhal", description="where base64 images of the question file are written")
     max_tokens: Optional[int] = Field(1024, ge=1, description="RLAIF-V's muffin_vqa.py generates up to 1024 new tokens")
+    max_items: Optional[int] = Field(None, ge=1, description="overrides evaluate.max_items (first N questions)")
+
+    @model_validator(mode="after")
+    def _objhal_needs_files(self) -> "ObjHalSettings":
+        if self.source == "objhal" and not (self.questions and self.instances and self.synonyms):
+            raise ValueError("objhal.source=objhal needs objhal.questions, instances and synonyms")
+        return self
 
 
 class AmberSettings(StrictModel):
     """AMBER (``bpo_ray.metrics.amber``): discriminative yes/no and generative descriptions."""
 
+    source: Literal["world", "amber"] = Field(
+        "world", description="'world' = the bias world's test split written in AMBER's file formats "
+        "(bpo_ray.world.public_files); 'amber' = the files below")
     annotations: Optional[str] = Field(None, description="AMBER data/annotations.json")
     queries: Optional[str] = Field(None, description="a data/query/query_*.json file ({id, image, query})")
     relation: Optional[str] = Field(None, description="AMBER data/relation.json (generative)")
@@ -152,7 +165,18 @@ class AmberSettings(StrictModel):
     spacy_model: str = "en_core_web_lg"
     similarity_threshold: float = Field(0.8, ge=0, le=1)
     wordnet: Optional[str] = Field(None, description="WordNet 3.0 dict dir for the noun lemmas")
+    nouns: Literal["nltk", "every_token"] = Field(
+        "nltk", description="generative noun finder: 'nltk' = NLTK's pos_tag as the reference (needs nltk and its "
+        "averaged_perceptron_tagger data); 'every_token' = every token is a candidate (only relation.json words are "
+        "scored, so it differs only where such a word is not used as a noun)")
     max_tokens: Optional[int] = Field(None, ge=1)
+    max_items: Optional[int] = Field(None, ge=1, description="overrides evaluate.max_items (first N queries)")
+
+    @model_validator(mode="after")
+    def _amber_needs_files(self) -> "AmberSettings":
+        if self.source == "amber" and not (self.annotations and self.queries and self.images):
+            raise ValueError("amber.source=amber needs amber.annotations, queries and images")
+        return self
 
 
 class EvaluateConfig(StrictModel):

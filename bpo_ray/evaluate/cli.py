@@ -25,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(token from BPO_JUDGE_TOKEN)")
     parser.add_argument("--baseline", default=None, help="model the report compares against (default: 'base' if present)")
     parser.add_argument("--no-report", action="store_true", help="only write <out>/<model>/ (no report.md)")
+    parser.add_argument("--add", action="store_true",
+                        help="keep this model's other benchmarks already in --out and replace only the ones "
+                             "configured now (add a benchmark to a finished evaluation)")
     return parser
 
 
@@ -38,7 +41,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
     try:
-        metrics = evaluate(cfg, args.model_url, args.model, args.judge_url, args.out)
+        metrics = evaluate(cfg, args.model_url, args.model, args.judge_url, args.out, add=args.add)
     except (EvaluateError, BenchmarkDataError) as exc:
         return stage_error("evaluate", exc)
     print(json.dumps({"model": args.model, "benchmarks": metrics["benchmarks"], "counts": metrics["counts"]},
@@ -50,7 +53,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         written = write_report(results, args.out, config=yaml.safe_load(dump_config(cfg)), baseline=
                                args.baseline if args.baseline in results else None)
         print(f"report: {written['report.md']} ({len(results)} model(s))")
-    scored = sum(c["scored"] for c in metrics["counts"].values())
+    scored = sum(metrics["counts"][name]["scored"] for name in cfg.evaluate.benchmarks)
     return 0 if scored else 1
 
 

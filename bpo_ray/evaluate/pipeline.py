@@ -7,10 +7,11 @@ import json
 import re
 import time
 from collections import Counter
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from bpo_ray import storage
 from bpo_ray.config import BPOConfig
+from bpo_ray.config.evaluate import EvaluateConfig
 from bpo_ray.evaluate.benchmarks import amber, chair, llava_bench, mmhal, mmvet, objhal, pope
 from bpo_ray.evaluate.items import LoadedBenchmark
 from bpo_ray.evaluate.judge import MODEL_TOKEN_ENV, JudgeProtocol, Secret, error_reason, model_client, secret_from_env
@@ -54,9 +55,13 @@ def load_benchmark(name: str, cfg: BPOConfig) -> LoadedBenchmark:
         limit = s.max_items or limit
         return llava_bench.load_world(world_dir(cfg), s, limit) if s.source == "world" else llava_bench.load_official(s, limit)
     if name == "objhal":
-        return objhal.load(ecfg.objhal, limit)
+        s = ecfg.objhal
+        limit = s.max_items or limit
+        return objhal.load_world(world_dir(cfg), s, limit) if s.source == "world" else objhal.load(s, limit)
     if name == "amber":
-        return amber.load(ecfg.amber, limit)
+        s = ecfg.amber
+        limit = s.max_items or limit
+        return amber.load_world(world_dir(cfg), s, limit) if s.source == "world" else amber.load(s, limit)
     if name == "mmhal":
         s = ecfg.mmhal
         limit = s.max_items or limit
@@ -178,6 +183,32 @@ def _usable(row: dict[str, Any]) -> bool:
     return not row.get("needs_judge") or bool(row.get("judge_value"))
 
 
+#: Evaluate settings every benchmark's numbers depend on, besides its own section.
+SHARED_SETTINGS: tuple[str, ...] = ("world", "max_items", "max_tokens", "temperature")
+
+
+def stale_benchmarks(earlier: Optional[Mapping[str, Any]], ecfg: EvaluateConfig) -> list[str]:
+    """Benchmarks of ``ecfg`` that an earlier ``metrics.json`` lacks or scored under other settings
+    (its own ``evaluate.<name>`` section, the shared settings, the judge model of a judged one)."""
+    if not earlier:
+        return list(ecfg.benchmarks)
+    before, now = earlier.get("config") or {}, ecfg.model_dump(mode="json")
+    done = earlier.get("benchmarks") or {}
+    judged = set(earlier.get("judged") or ())
+
+    def same(name: str) -> bool:
+        keys = [name, *SHARED_SETTINGS, *(["judge_model"] if name in judged else [])]
+        return name in done and all(before.get(k) == now.get(k) for k in keys)
+
+    return [name for name in ecfg.benchmarks if not same(name)]
+
+
+def read_metrics(out: str, model_name: str) -> Optional[dict[str, Any]]:
+    """``<out>/<model>/metrics.json`` written by an earlier ``evaluate``, or ``None``."""
+    uri = storage.join(out, safe_name(model_name), METRICS_FILE)
+    return json.loads(storage.read_text(uri)) if storage.exists(uri) else None
+
+
 def evaluate(
     cfg: BPOConfig,
     model_url: str,
@@ -185,12 +216,17 @@ def evaluate(
     judge_url: Optional[str] = None,
     out: Optional[str] = None,
     progress: bool = True,
+    add: bool = False,
 ) -> dict[str, Any]:
     """Run ``cfg.evaluate.benchmarks`` against ``model_name`` served at ``model_url``.
 
     Writes ``<out>/<model>/items.jsonl`` (every item: question, answer, judge reply, errors,
     per-item score details) and ``<out>/<model>/metrics.json`` (what this returns) when ``out`` is
     given. Returns ``{"model", "benchmarks": {name: metrics}, "counts", "failures", "timings", ...}``.
+
+    ``add``: keep the other benchmarks of an earlier run into ``out`` (their items, numbers and
+    settings) and replace only the ones evaluated now, so a benchmark can be added to a finished
+    evaluation; refused when the shared settings (``SHARED_SETTINGS``) differ from that run's.
     """
     from bpo_ray.raycluster import init_ray, worker_runtime_env
     from bpo_ray.schemas import library_versions
@@ -259,19 +295,53 @@ def evaluate(
         "config": ecfg.model_dump(mode="json"),
         "versions": library_versions(),
     }
+    metrics["judged"] = sorted(protocols)
     if out:
         skipped = [record for bench in loaded.values() for record in bench.skipped_records]
-        write_model_outputs(out, model_name, metrics, rows, answered, all_details, skipped)
+        kept: tuple[list[str], list[str]] = ([], [])
+        earlier = read_metrics(out, model_name) if add else None
+        if earlier:
+            metrics, kept = _merge_with_earlier(out, model_name, earlier, metrics)
+        write_model_outputs(out, model_name, metrics, rows, answered, all_details, skipped, kept)
     return metrics
+
+
+def _merge_with_earlier(out: str, model_name: str, earlier: dict[str, Any],
+                        metrics: dict[str, Any]) -> tuple[dict[str, Any], tuple[list[str], list[str]]]:
+    """``metrics`` with the earlier run's other benchmarks added back; the item and skipped lines
+    of those benchmarks to keep."""
+    before, now = earlier.get("config") or {}, metrics["config"]
+    differ = [k for k in SHARED_SETTINGS if before.get(k) != now.get(k)]
+    if differ:
+        raise EvaluateError(f"--add: the earlier results in {out} were made with other evaluate settings "
+                            f"({', '.join(differ)}); evaluate every benchmark again instead")
+    new = set(metrics["benchmarks"])
+    merged = dict(metrics)
+    for key in ("benchmarks", "counts", "failures", "sources"):
+        merged[key] = {**{k: v for k, v in (earlier.get(key) or {}).items() if k not in new}, **metrics[key]}
+    old_names = [k for k in earlier.get("benchmarks", {}) if k not in new]
+    merged["config"] = {**now, **{k: before[k] for k in old_names if k in before},
+                        "benchmarks": [*old_names, *metrics["config"]["benchmarks"]]}
+    merged["judged"] = sorted({*(j for j in earlier.get("judged") or () if j not in new), *metrics["judged"]})
+    model_dir = storage.join(out, safe_name(model_name))
+
+    def kept_lines(name: str) -> list[str]:
+        uri = storage.join(model_dir, name)
+        lines = storage.read_text(uri).splitlines() if storage.exists(uri) else []
+        return [line for line in lines if line.strip() and json.loads(line).get("benchmark") not in new]
+
+    return merged, (kept_lines(ITEMS_FILE), kept_lines(SKIPPED_FILE))
 
 
 def write_model_outputs(out: str, model_name: str, metrics: dict[str, Any], rows: list[dict[str, Any]],
                         answered: dict[str, dict[str, Any]], details: dict[str, dict[str, Any]],
-                        skipped: list[dict[str, Any]] = ()) -> str:
+                        skipped: Sequence[dict[str, Any]] = (),
+                        kept: tuple[list[str], list[str]] = ([], [])) -> str:
     """``<out>/<model>/items.jsonl`` in input order, ``skipped.jsonl`` (input records no item
-    could be made from, with reasons) and ``metrics.json``; returns the model dir."""
+    could be made from, with reasons) and ``metrics.json``; returns the model dir. ``kept``: lines
+    of earlier benchmarks (items, skipped) written first, as they were."""
     model_dir = storage.join(out, safe_name(model_name))
-    lines = []
+    lines = list(kept[0])
     for row in rows:
         done = answered.get(row["id"], {**row, "error": "lost_in_job"})
         record = {k: v for k, v in done.items() if k != "meta"}
@@ -279,7 +349,8 @@ def write_model_outputs(out: str, model_name: str, metrics: dict[str, Any], rows
         record["score"] = details.get(row["id"])
         lines.append(json.dumps(record, sort_keys=True, default=_json_default))
     storage.write_text(storage.join(model_dir, ITEMS_FILE), "\n".join(lines) + "\n")
-    storage.write_text(storage.join(model_dir, SKIPPED_FILE), "".join(json.dumps(r) + "\n" for r in skipped))
+    storage.write_text(storage.join(model_dir, SKIPPED_FILE),
+                       "".join(line + "\n" for line in kept[1]) + "".join(json.dumps(r) + "\n" for r in skipped))
     storage.write_text(storage.join(model_dir, METRICS_FILE), json.dumps(metrics, indent=2, default=_json_default) + "\n")
     return model_dir
 

@@ -57,6 +57,7 @@ HEADLINE: tuple[Column, ...] = (
     Column("AMBER Cover", _at("amber", "generative", "Cover")),
     Column("AMBER acc", _at("amber", "discriminative", "all", "Accuracy")),
     Column("AMBER F1", _at("amber", "discriminative", "all", "F1")),
+    Column("AMBER F1 lenient", _at("amber", "discriminative_normalized", "all", "F1")),
     Column("MM-Vet", _at("mmvet", "total")),
     Column("LLaVA-Bench rel.", _at("llava_bench", "all", "relative")),
     Column("MMHal score (0-6)", _at("mmhal", "score")),

@@ -7,6 +7,10 @@ scored exactly as the reference does (only "Yes" / "No" count). Generative scori
 extractor (NLTK with its tagger data, as the reference) and a similarity: ``similarity: spacy``
 loads ``spacy_model`` (the reference's ``en_core_web_lg``, installed by the user); ``none`` uses
 exact matches only and the metrics say so (not comparable with published AMBER numbers).
+``nouns: every_token`` replaces the tagger (see ``every_token_nouns``).
+
+``load_world``: the bias world's test split, written in AMBER's formats by
+``bpo_ray.world.public_files`` and read by ``load`` like the real files.
 """
 
 from __future__ import annotations
@@ -40,21 +44,48 @@ def exact_only(a: str, b: str) -> float:
 
 
 def normalized_yes_no(answer: str) -> str:
-    """bpo-ray's lenient reading, reported beside the official one: the first word, stripped of
-    punctuation and case, "yes" -> "Yes", "no" -> "No" ("No, there is not." counts as "No")."""
-    words = answer.strip().split()
-    first = words[0].strip(".,!?;:\"'").lower() if words else ""
-    return {"yes": "Yes", "no": "No"}.get(first, answer)
+    """bpo-ray's lenient reading, reported beside the official one: the first word that is "yes" or
+    "no", punctuation and case ignored ("No, there is not." -> "No", "The cup yes." -> "Yes");
+    an answer without one stays as it is (and counts as wrong)."""
+    for word in answer.split():
+        word = word.strip(".,!?;:\"'").lower()
+        if word in ("yes", "no"):
+            return word.capitalize()
+    return answer
+
+
+def every_token_nouns(wordnet_dir: Optional[str] = None) -> NounExtractor:
+    """A noun finder without a tagger: every token (bpo-ray's NLTK 3.8.1 tokenizer) with its
+    WordNet noun lemma. The generative scorer only looks at ``relation.json`` words, so this
+    differs from the reference only where such a word is used as another part of speech ("a paper
+    cup", "lock the door")."""
+    from bpo_ray.metrics.nltk_tokenize import word_tokenize
+    from bpo_ray.metrics.wordnet import NounLemmatizer
+
+    lemmatizer = NounLemmatizer.from_dir(wordnet_dir)
+    return lambda text: [lemmatizer.lemmatize(token) for token in word_tokenize(text)]
 
 
 @functools.lru_cache(maxsize=4)
-def generative_tools(similarity: str, spacy_model: str, wordnet: Optional[str]) -> tuple[NounExtractor, Similarity]:
-    """The noun extractor (NLTK tagger + WordNet, as the reference) and the word similarity the
-    generative scorer uses, built once per process and tried on a sentence, so a missing package
-    or data file fails before any request is sent."""
-    nouns = nltk_noun_extractor(wordnet)
+def generative_tools(similarity: str, spacy_model: str, wordnet: Optional[str],
+                     nouns_mode: str = "nltk") -> tuple[NounExtractor, Similarity]:
+    """The noun extractor (NLTK tagger + WordNet, as the reference, or ``every_token_nouns``) and
+    the word similarity the generative scorer uses, built once per process and tried on a
+    sentence, so a missing package or data file fails before any request is sent."""
+    nouns = every_token_nouns(wordnet) if nouns_mode == "every_token" else nltk_noun_extractor(wordnet)
     nouns("A dog sits on a chair.")  # the tagger's data is only read on first use
     return nouns, (spacy_similarity(spacy_model) if similarity == "spacy" else exact_only)
+
+
+def load_world(world_dir: str, settings: AmberSettings, max_items: Optional[int]) -> LoadedBenchmark:
+    """The world's test scenes as AMBER files (``bpo_ray.world.public_files``), read by ``load``."""
+    from bpo_ray.world.public_files import write_amber_files
+
+    # The world's grammar uses its object words as nouns only, so no tagger is needed.
+    update = {**write_amber_files(world_dir), "nouns": "every_token"}
+    loaded = load(settings.model_copy(update=update), max_items)
+    loaded.info["source"] = "world"
+    return loaded
 
 
 def load(settings: AmberSettings, max_items: Optional[int]) -> LoadedBenchmark:
@@ -66,7 +97,8 @@ def load(settings: AmberSettings, max_items: Optional[int]) -> LoadedBenchmark:
         raise BenchmarkDataError("amber: annotations.json and the query file must be JSON arrays")
     by_id = {a.get("id"): a for a in annotations if isinstance(a, dict)}
     info: dict[str, Any] = {"source": "amber", "similarity": settings.similarity, "spacy_model": settings.spacy_model,
-                            "threshold": settings.similarity_threshold, "wordnet": settings.wordnet}
+                            "threshold": settings.similarity_threshold, "wordnet": settings.wordnet,
+                            "nouns": settings.nouns}
     if settings.relation:
         info["relation"] = read_json(settings.relation)
     if settings.safe_words:
@@ -84,7 +116,7 @@ def load(settings: AmberSettings, max_items: Optional[int]) -> LoadedBenchmark:
             break
         if ann.get("type") == "generative" and not loaded.info.get("tools_checked"):
             try:
-                generative_tools(settings.similarity, settings.spacy_model, settings.wordnet)
+                generative_tools(settings.similarity, settings.spacy_model, settings.wordnet, settings.nouns)
             except (RuntimeError, LookupError, OSError) as exc:
                 raise BenchmarkDataError(f"amber generative queries cannot be scored here: {exc}") from None
             loaded.info["tools_checked"] = True
@@ -113,7 +145,8 @@ def score(rows: Sequence[Mapping[str, Any]], info: Mapping[str, Any], similarity
         label = "custom" if similarity else info.get("similarity", "none")
         if similarity is None or nouns is None:
             default_nouns, default_similarity = generative_tools(info.get("similarity", "none"),
-                                                                 info.get("spacy_model", "en_core_web_lg"), info.get("wordnet"))
+                                                                 info.get("spacy_model", "en_core_web_lg"), info.get("wordnet"),
+                                                                 info.get("nouns", "nltk"))
             similarity, nouns = similarity or default_similarity, nouns or default_nouns
         extract = nouns
         report = score_generative([(extract(r["answer"]), m["truth"], m["hallu"]) for r, m in gen],

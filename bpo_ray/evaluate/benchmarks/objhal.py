@@ -5,6 +5,9 @@ images with detailed-description prompts; JSON Lines ``{"image_id", "question", 
 the image as base64, or ``"image_path"``), COCO ``instances``/``captions`` val2014 for the truth,
 RLAIF-V's ``synonyms_refine.txt`` and a WordNet 3.0 database. Scores: ``bpo_ray.metrics.objhal``
 (CHAIRs_refine is the "Resp." papers print, CHAIRi the "Ment.").
+
+``load_world``: the bias world's test split, written in those formats by
+``bpo_ray.world.public_files`` and read by ``load`` like the real files.
 """
 
 from __future__ import annotations
@@ -40,6 +43,15 @@ def _image_uri(record: Mapping[str, Any], settings: ObjHalSettings) -> str:
         return path
     name = record.get("image_path") or f"COCO_val2014_{int(record['image_id']):012d}.jpg"
     return resolve_image_uri(name, settings.images)
+
+
+def load_world(world_dir: str, settings: ObjHalSettings, max_items: Optional[int]) -> LoadedBenchmark:
+    """The world's test scenes as Object HalBench files (``bpo_ray.world.public_files``), read by ``load``."""
+    from bpo_ray.world.public_files import write_objhal_files
+
+    loaded = load(settings.model_copy(update=write_objhal_files(world_dir)), max_items)
+    loaded.info["source"] = "world"
+    return loaded
 
 
 def load(settings: ObjHalSettings, max_items: Optional[int]) -> LoadedBenchmark:
