@@ -313,6 +313,23 @@ def test_cli_runs_one_model_at_a_time_into_one_report(ray_cluster, servers, worl
         assert cells[label] == f"{value:.1f} ({'+' if delta >= 0 else '−'}{abs(delta):.1f})"
     assert {p.name for p in (out / "plots").iterdir()} >= {"headline.png", "pope_f1.png"}
 
+    # --add: a benchmark added to a finished evaluation; the earlier ones keep their items and numbers.
+    before = json.loads((out / "base" / "metrics.json").read_text())
+    added = ["--set", "evaluate.benchmarks=[objhal]", "--set", "evaluate.objhal.max_tokens=16"]
+    assert main(["evaluate", *common, "--model", "base", *added, "--add"]) == 0
+    after = json.loads((out / "base" / "metrics.json").read_text())
+    assert set(after["benchmarks"]) == {"chair", "pope", "objhal"}
+    assert {k: after["benchmarks"][k] for k in ("chair", "pope")} == before["benchmarks"]
+    assert after["config"]["benchmarks"] == ["chair", "pope", "objhal"] and after["counts"]["objhal"]["items"] == 4
+    assert [r["benchmark"] for r in _items(out / "base")].count("objhal") == 4
+    assert len(_items(out / "base")) == sum(c["items"] for c in after["counts"].values())
+    assert "ObjHal Resp ↓" in json.loads((out / "report.json").read_text())["headline"]["base"]
+    # ... refused when a setting every benchmark depends on differs, and nothing is overwritten
+    assert main(["evaluate", *common[:-2], "--set", "evaluate.max_tokens=12", "--out", str(out),
+                 "--model", "base", *added, "--add"]) == 2
+    assert "other evaluate settings (max_tokens)" in capsys.readouterr().err
+    assert json.loads((out / "base" / "metrics.json").read_text()) == after
+
     # A model the server does not have is a clear error before any work, not a pile of failures.
     assert main(["evaluate", *common, "--model", "no-such-model"]) == 2
     assert "not served" in capsys.readouterr().err

@@ -233,6 +233,13 @@ def evaluate(
 
     ecfg = cfg.evaluate
     started = time.perf_counter()
+    earlier = read_metrics(out, model_name) if add and out else None
+    if earlier:
+        now = ecfg.model_dump(mode="json")
+        differ = [k for k in SHARED_SETTINGS if (earlier.get("config") or {}).get(k) != now.get(k)]
+        if differ:
+            raise EvaluateError(f"--add: the earlier results of {model_name} in {out} were made with other evaluate "
+                                f"settings ({', '.join(differ)}); evaluate every benchmark again instead")
     protocols = judge_protocols(cfg)
     if protocols and not judge_url:
         raise EvaluateError(f"benchmarks {sorted(protocols)} need a judge: pass --judge-url (the judge proxy's /judge/v1)")
@@ -299,7 +306,6 @@ def evaluate(
     if out:
         skipped = [record for bench in loaded.values() for record in bench.skipped_records]
         kept: tuple[list[str], list[str]] = ([], [])
-        earlier = read_metrics(out, model_name) if add else None
         if earlier:
             metrics, kept = _merge_with_earlier(out, model_name, earlier, metrics)
         write_model_outputs(out, model_name, metrics, rows, answered, all_details, skipped, kept)
@@ -311,10 +317,6 @@ def _merge_with_earlier(out: str, model_name: str, earlier: dict[str, Any],
     """``metrics`` with the earlier run's other benchmarks added back; the item and skipped lines
     of those benchmarks to keep."""
     before, now = earlier.get("config") or {}, metrics["config"]
-    differ = [k for k in SHARED_SETTINGS if before.get(k) != now.get(k)]
-    if differ:
-        raise EvaluateError(f"--add: the earlier results in {out} were made with other evaluate settings "
-                            f"({', '.join(differ)}); evaluate every benchmark again instead")
     new = set(metrics["benchmarks"])
     merged = dict(metrics)
     for key in ("benchmarks", "counts", "failures", "sources"):
