@@ -67,7 +67,8 @@ def pin_numerics_early(argv: Sequence[str]) -> None:
     from bpo_ray.config import ConfigError, load_config
     from bpo_ray.config.args import add_config_args
 
-    parser = argparse.ArgumentParser(add_help=False)
+    # No abbreviations: a stage's own flag that starts like one of these ("--add") is not one of them.
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     add_config_args(parser)
     try:
         args, _ = parser.parse_known_args(list(argv))

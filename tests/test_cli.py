@@ -24,3 +24,14 @@ def test_jobs_entrypoint_runs_the_same_code(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert (tmp_path / "m" / "llava" / "config.json").exists()
     assert (tmp_path / "m" / "text_lm" / "tokenizer.json").exists()
+
+
+def test_early_numerics_pass_is_not_fooled_by_a_stage_flag_that_prefixes_its_own(capsys, monkeypatch):
+    """``evaluate --add`` starts like ``--address``: the early pass must not read it as one (argparse
+    abbreviations), print a usage error, or skip pinning the kernels."""
+    from bpo_ray import cli, numerics
+
+    pinned = []
+    monkeypatch.setattr(numerics, "pin", lambda isa: pinned.append(isa))
+    cli.pin_numerics_early(["--config", "tiny", "--model", "m", "--add", "--out", "x"])
+    assert pinned and capsys.readouterr().err == ""
