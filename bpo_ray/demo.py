@@ -216,19 +216,6 @@ def _resolved(settings: dict) -> dict:
     return demo_settings(settings["config"], settings["overrides"])["resolved"]
 
 
-def _differences(before: dict, now: dict, prefix: str = "") -> list[str]:
-    """``key.path: before -> now`` for every value that differs between two resolved configs. A key
-    only one of them has is a setting the code gained or lost since, not a changed value: skipped."""
-    lines = []
-    for key in sorted(set(before) & set(now), key=str):
-        a, b = before[key], now[key]
-        if isinstance(a, dict) and isinstance(b, dict):
-            lines += _differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            lines.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return lines
-
-
 def _evaluate_config(config: str, overrides: Sequence[str]) -> Any:
     from bpo_ray.config import load_config
 
@@ -242,14 +229,14 @@ def _check_reuse(out: Path, settings: dict) -> None:
     scored under other ones are evaluated again (``still_to_evaluate``).
 
     A run made before the settings were recorded is reused as it is, with a warning."""
-    from bpo_ray.config import ConfigError
+    from bpo_ray.config import ConfigError, config_differences
 
     path = out / SETTINGS_FILE
     if path.exists():
         before = json.loads(path.read_text())
         try:
-            changed = _differences(*({k: v for k, v in c.items() if k != "evaluate"}
-                                     for c in (_resolved(before), settings["resolved"])))
+            changed = config_differences(*({k: v for k, v in c.items() if k != "evaluate"}
+                                           for c in (_resolved(before), settings["resolved"])))
         except ConfigError as exc:
             raise DemoError(f"--reuse: the settings {out} was made with ({path}) no longer load: {exc}") from None
         if changed:

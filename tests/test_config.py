@@ -95,3 +95,13 @@ def test_a_config_extends_its_base(tmp_path):
     (tmp_path / "mid.yaml").write_text("base: no-such-config\n")
     with pytest.raises(ConfigError, match="no-such-config"):
         load_config(str(tmp_path / "top.yaml"))
+
+
+def test_config_differences_name_changed_values_and_skip_one_sided_keys():
+    from bpo_ray.config import config_differences
+
+    before = {"train": {"beta": 0.1, "epochs": 1, "retired": 3}, "name": "tiny"}
+    now = {"train": {"beta": 0.2, "epochs": 1, "new_knob": 4}, "name": "tiny"}
+    assert config_differences(before, now) == ["train.beta: 0.1 -> 0.2"]
+    assert len(config_differences(None, {"a": 1})) == 1  # a section one side lacks entirely is a change
+    assert config_differences({"a": 1}, {"a": 1}) == []

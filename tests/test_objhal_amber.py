@@ -294,3 +294,24 @@ def test_amber_noun_extractor_wiring_tokens_tags_and_lemmas(monkeypatch):
     extract = nltk_noun_extractor(str(PARITY / "objhal" / "wordnet"))
     assert extract("A man walks two dogs; glasses.") == ["man", "walk", "dog", "glass"]
     assert seen == [["A", "man", "walks", "two", "dogs", ";", "glasses", "."]]
+
+
+def test_objhal_judge_listed_objects_are_read_one_by_one_by_the_rules():
+    from bpo_ray.metrics.objhal import ObjHalExtractor, score_listed
+    from bpo_ray.metrics.wordnet import NounLemmatizer
+
+    extractor = ObjHalExtractor((PARITY / "objhal" / "synonyms_refine.txt").read_text().splitlines(),
+                                NounLemmatizer.from_dir(str(PARITY / "objhal" / "wordnet")))
+    item = score_listed("...", ["dogs", "toilet seat", "policemen", "cloud"], ["dog", "toilet"], extractor)
+    assert item.mentioned == ["dog", "toilet", "person"] and item.hallucinated == ["person"]
+    # listed apart, "dog" and "leash"-like neighbours never join into a two-word object
+    assert score_listed("...", ["baby", "elephant"], [], extractor).mentioned == ["person", "elephant"]
+    assert score_listed("...", ["baby elephant"], [], extractor).mentioned == ["elephant"]
+
+
+def test_objhal_extractor_setting_and_judge_protocol():
+    from bpo_ray.config import load_config
+    from bpo_ray.evaluate.pipeline import judge_protocols
+
+    assert "objhal" not in judge_protocols(load_config("tiny", ["evaluate.benchmarks=[objhal]"]))
+    assert "objhal" in judge_protocols(load_config("tiny", ["evaluate.benchmarks=[objhal]", "evaluate.objhal.extractor=judge"]))

@@ -128,3 +128,32 @@ def test_judged_benchmarks_with_the_world_annotator(ray_cluster, servers, world,
     report = (out / "report.md").read_text()
     assert "MMHal score (0-6)" in report and "## MMHal-Bench by question type" in report
     assert "## Judge proxy" in report and f"| base | {calls} | {calls} | 0 | 0 |" in report
+
+
+def test_objhal_objects_listed_by_the_judge(ray_cluster, servers, world, tmp_path):
+    """Object HalBench's judge path (the reference's --use_gpt): the judge proxy asks the world's
+    annotator to list the objects of each answer; each listed name is read by the rule path."""
+    from bpo_ray.config import load_config
+    from bpo_ray.evaluate import evaluate
+    from bpo_ray.evaluate.benchmarks import chair, objhal
+    from bpo_ray.metrics.objhal import ObjHalReport, score_listed
+    from bpo_ray.world.annotator import answer_prompt
+
+    cfg = load_config("tiny", [f"evaluate.world={world}", "evaluate.max_tokens=24", "evaluate.objhal.max_tokens=24",
+                               "evaluate.judge_model=bias-world-annotator", "evaluate.benchmarks=[objhal]",
+                               f"evaluate.objhal.max_items={N_ITEMS}", "evaluate.objhal.extractor=judge"])
+    metrics = evaluate(cfg, servers["model"], "base", servers["judge"], str(tmp_path), progress=False)
+    rows = _items(tmp_path / "base")
+    assert len(rows) == N_ITEMS and all(r["answer"] and not r["error"] and not r["judge_error"] for r in rows)
+    extractor = objhal.make_extractor(objhal.load_world(world, cfg.evaluate.objhal, 1).info)
+    items = []
+    for r in rows:
+        prompt = chair.object_list_request({**r, "meta": json.dumps(r["meta"])}, 0).messages[0]["content"]
+        listed = json.loads(r["judge_value"])
+        assert listed == chair.parse_object_list(answer_prompt(prompt).text), r["id"]
+        items.append(score_listed(r["answer"], listed, r["meta"]["objects"], extractor))
+    expected = ObjHalReport(items).summary()
+    got = metrics["benchmarks"]["objhal"]
+    assert got["extractor"] == "judge" and metrics["judge_usage"]["run"]["requests"] == N_ITEMS
+    for key in ("CHAIRs", "CHAIRi", "obj_rec"):
+        assert got[key] == pytest.approx(expected[key]), key

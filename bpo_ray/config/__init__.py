@@ -116,3 +116,16 @@ __all__ = [
     "read_config_file", "resolve_config_path", "ModelsConfig", "NumericsConfig", "RayConfig", "StorageConfig", "WorldConfig",
     "GenerateConfig", "TrainConfig", "ReferenceConfig", "ServeConfig", "EvaluateConfig",
 ]
+
+
+def config_differences(before: Any, now: Any, prefix: str = "") -> list[str]:
+    """``key.path: before -> now`` for every value that differs between two dumped configs (or
+    parts of one). A key only one of them has is a setting the code gained or lost since, not a
+    changed value: skipped."""
+    if not (isinstance(before, dict) and isinstance(now, dict)):
+        return [] if before == now else [f"{prefix.rstrip('.')}: {before!r} -> {now!r}"]
+    lines = []
+    for key in sorted(set(before) & set(now), key=str):
+        lines += config_differences(before[key], now[key], f"{prefix}{key}.")
+    return lines
+

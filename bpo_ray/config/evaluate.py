@@ -138,6 +138,9 @@ class ObjHalSettings(StrictModel):
     wordnet: Optional[str] = Field(None, description="WordNet 3.0 dict dir (index.noun, noun.exc); default: /usr/share/wordnet or nltk_data")
     images: Optional[str] = Field(None, description="directory image_path / COCO_val2014_<id>.jpg names are relative to")
     image_cache: str = Field("~/.cache/bpo-ray/objhal", description="where base64 images of the question file are written")
+    extractor: Literal["rules", "judge"] = Field(
+        "rules", description="find object mentions with the reference's rule path, or ask the judge to list the "
+        "objects (the reference's --use_gpt path), each listed name then read by the same rules")
     max_tokens: Optional[int] = Field(1024, ge=1, description="RLAIF-V's muffin_vqa.py generates up to 1024 new tokens")
     max_items: Optional[int] = Field(None, ge=1, description="overrides evaluate.max_items (first N questions)")
 

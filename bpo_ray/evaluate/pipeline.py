@@ -10,7 +10,7 @@ from collections import Counter
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from bpo_ray import storage
-from bpo_ray.config import BPOConfig
+from bpo_ray.config import BPOConfig, config_differences
 from bpo_ray.config.evaluate import EvaluateConfig
 from bpo_ray.evaluate.benchmarks import amber, chair, llava_bench, mmhal, mmvet, objhal, pope
 from bpo_ray.evaluate.items import LoadedBenchmark
@@ -80,6 +80,8 @@ def judge_protocols(cfg: BPOConfig) -> dict[str, JudgeProtocol]:
     protocols: dict[str, JudgeProtocol] = {}
     if "chair" in ecfg.benchmarks and ecfg.chair.extractor == "judge":
         protocols["chair"] = chair.OBJECT_LIST_JUDGE
+    if "objhal" in ecfg.benchmarks and ecfg.objhal.extractor == "judge":
+        protocols["objhal"] = chair.OBJECT_LIST_JUDGE
     if "mmvet" in ecfg.benchmarks:
         protocols["mmvet"] = mmvet.grader_protocol(ecfg.mmvet.judge_attempts, _prompt_file(ecfg.mmvet.grader_prompt_file))
     if "llava_bench" in ecfg.benchmarks:
@@ -154,7 +156,7 @@ def score_benchmark(name: str, rows: list[dict[str, Any]], loaded: LoadedBenchma
     if name == "mmvet":
         return mmvet.score(rows)
     if name == "objhal":
-        return objhal.score(rows, loaded.info)
+        return objhal.score(rows, loaded.info, cfg.evaluate.objhal.extractor)
     if name == "amber":
         return amber.score(rows, loaded.info)
     if name == "mmhal":
@@ -198,7 +200,7 @@ def stale_benchmarks(earlier: Optional[Mapping[str, Any]], ecfg: EvaluateConfig)
 
     def same(name: str) -> bool:
         keys = [name, *SHARED_SETTINGS, *(["judge_model"] if name in judged else [])]
-        return name in done and all(before.get(k) == now.get(k) for k in keys)
+        return name in done and not any(config_differences(before.get(k), now.get(k)) for k in keys)
 
     return [name for name in ecfg.benchmarks if not same(name)]
 
@@ -236,7 +238,7 @@ def evaluate(
     earlier = read_metrics(out, model_name) if add and out else None
     if earlier:
         now = ecfg.model_dump(mode="json")
-        differ = [k for k in SHARED_SETTINGS if (earlier.get("config") or {}).get(k) != now.get(k)]
+        differ = [k for k in SHARED_SETTINGS if config_differences((earlier.get("config") or {}).get(k), now.get(k))]
         if differ:
             raise EvaluateError(f"--add: the earlier results of {model_name} in {out} were made with other evaluate "
                                 f"settings ({', '.join(differ)}); evaluate every benchmark again instead")

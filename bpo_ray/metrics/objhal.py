@@ -140,6 +140,16 @@ def score_answer(answer: str, ground_truth: Iterable[str], extractor: ObjHalExtr
     return ObjHalItem(answer, truth, list(found.objects), [o for o in found.objects if o not in truth])
 
 
+def score_listed(answer: str, listed: Sequence[str], ground_truth: Iterable[str], extractor: ObjHalExtractor) -> ObjHalItem:
+    """An answer scored from the objects a judge listed for it (the reference's ``--use_gpt`` path:
+    GPT lists the objects, which are then lemmatized and mapped to COCO objects). Each listed name
+    is read on its own by the rule path (WordNet lemmas here, spaCy ``en_core_web_trf`` there), so
+    "dog", "leash" do not join into the phrase "dog leash"."""
+    truth = sorted(set(ground_truth))
+    objects = [obj for name in listed for obj in extractor.caption_words(name).objects]
+    return ObjHalItem(answer, truth, objects, [o for o in objects if o not in truth])
+
+
 def score_objhal(answers: Sequence[str], truths: Sequence[Iterable[str]], extractor: ObjHalExtractor) -> ObjHalReport:
     if len(answers) != len(truths):
         raise ValueError(f"{len(answers)} answers but {len(truths)} ground-truth lists")

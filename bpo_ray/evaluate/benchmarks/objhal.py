@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import math
 import os
 from typing import Any, Mapping, Optional, Sequence
 
 from bpo_ray import storage
 from bpo_ray.config.evaluate import ObjHalSettings
-from bpo_ray.metrics.objhal import ObjHalExtractor, ObjHalReport, coco_objhal_truth, score_answer
+from bpo_ray.metrics.objhal import ObjHalExtractor, ObjHalReport, coco_objhal_truth, score_answer, score_listed
 from bpo_ray.metrics.wordnet import NounLemmatizer
 from bpo_ray.evaluate.items import EvalItem, LoadedBenchmark, row_meta
 from bpo_ray.evaluate.sources import BenchmarkDataError, read_json, read_records
@@ -92,13 +93,21 @@ def load(settings: ObjHalSettings, max_items: Optional[int]) -> LoadedBenchmark:
     return loaded
 
 
-def score(rows: Sequence[Mapping[str, Any]], info: Mapping[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The reference's ``overall_metrics`` over the answered rows (``nan`` rates become ``None``)."""
+def score(rows: Sequence[Mapping[str, Any]], info: Mapping[str, Any],
+          extractor_mode: str = "rules") -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The reference's ``overall_metrics`` over the answered rows (``nan`` rates become ``None``).
+    ``extractor_mode``: ``rules`` (the rule path) or ``judge`` (the objects the judge listed, each
+    row's ``judge_value``, read by the rules: ``score_listed``)."""
     extractor = make_extractor(info)
-    items = [score_answer(row["answer"].replace("Assistant:", "").strip(), row_meta(row)["objects"], extractor)
-             for row in rows]
+    answers = [row["answer"].replace("Assistant:", "").strip() for row in rows]
+    if extractor_mode == "judge":
+        items = [score_listed(a, json.loads(row["judge_value"]), row_meta(row)["objects"], extractor)
+                 for a, row in zip(answers, rows)]
+    else:
+        items = [score_answer(a, row_meta(row)["objects"], extractor) for a, row in zip(answers, rows)]
     summary = ObjHalReport(items).summary()
     metrics: dict[str, Any] = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in summary.items()}
+    metrics["extractor"] = extractor_mode
     details = [{"id": row["id"], "mentioned": item.mentioned, "hallucinated": item.hallucinated,
                 "ground_truth": item.ground_truth} for row, item in zip(rows, items)]
     return metrics, details
