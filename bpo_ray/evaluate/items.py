@@ -59,3 +59,14 @@ class LoadedBenchmark:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
         text = raw if isinstance(raw, str) else json.dumps(raw, sort_keys=True, default=str)
         self.skipped_records.append({"benchmark": self.name, "reason": reason, "raw": text[:MAX_RAW_CHARS]})
+
+
+@dataclass
+class SkipTally:
+    """Counts of input records a loader could not use, by reason (they are never dropped silently)."""
+
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def skip(self, reason: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+

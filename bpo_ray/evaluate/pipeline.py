@@ -36,37 +36,26 @@ def world_dir(cfg: BPOConfig) -> str:
     return cfg.evaluate.world or cfg.world.out
 
 
+#: Per benchmark: its module (``load_world`` reads the bias world) and its public-format loader.
+_MODULES = {"chair": chair, "pope": pope, "mmvet": mmvet, "llava_bench": llava_bench, "mmhal": mmhal,
+            "objhal": objhal, "amber": amber}
+_PUBLIC_LOADERS: dict[str, Callable[..., LoadedBenchmark]] = {
+    "chair": chair.load_coco, "pope": pope.load_official, "mmvet": mmvet.load_official,
+    "llava_bench": llava_bench.load_official, "mmhal": mmhal.load_official, "objhal": objhal.load, "amber": amber.load}
+_SEEDED_WORLD_LOADERS = ("pope", "mmhal")  # their world items are drawn with the world's seed
+
+
 def load_benchmark(name: str, cfg: BPOConfig) -> LoadedBenchmark:
-    """Items of one benchmark from its configured source."""
-    ecfg = cfg.evaluate
-    limit = ecfg.max_items
-    if name == "chair":
-        s = ecfg.chair
-        return chair.load_world(world_dir(cfg), s, limit) if s.source == "world" else chair.load_coco(s, limit)
-    if name == "pope":
-        s = ecfg.pope
-        return pope.load_world(world_dir(cfg), s, limit, seed=cfg.world.seed) if s.source == "world" else pope.load_official(s, limit)
-    if name == "mmvet":
-        s = ecfg.mmvet
-        limit = s.max_items or limit
-        return mmvet.load_world(world_dir(cfg), s, limit) if s.source == "world" else mmvet.load_official(s, limit)
-    if name == "llava_bench":
-        s = ecfg.llava_bench
-        limit = s.max_items or limit
-        return llava_bench.load_world(world_dir(cfg), s, limit) if s.source == "world" else llava_bench.load_official(s, limit)
-    if name == "objhal":
-        s = ecfg.objhal
-        limit = s.max_items or limit
-        return objhal.load_world(world_dir(cfg), s, limit) if s.source == "world" else objhal.load(s, limit)
-    if name == "amber":
-        s = ecfg.amber
-        limit = s.max_items or limit
-        return amber.load_world(world_dir(cfg), s, limit) if s.source == "world" else amber.load(s, limit)
-    if name == "mmhal":
-        s = ecfg.mmhal
-        limit = s.max_items or limit
-        return mmhal.load_world(world_dir(cfg), s, limit, seed=cfg.world.seed) if s.source == "world" else mmhal.load_official(s, limit)
-    raise EvaluateError(f"unknown benchmark {name!r}")
+    """Items of one benchmark from its configured source; a benchmark's own ``max_items`` (where it
+    has one) overrides ``evaluate.max_items``."""
+    if name not in _MODULES:
+        raise EvaluateError(f"unknown benchmark {name!r}")
+    settings = getattr(cfg.evaluate, name)
+    limit = getattr(settings, "max_items", None) or cfg.evaluate.max_items
+    if settings.source != "world":
+        return _PUBLIC_LOADERS[name](settings, limit)
+    seeded = {"seed": cfg.world.seed} if name in _SEEDED_WORLD_LOADERS else {}
+    return _MODULES[name].load_world(world_dir(cfg), settings, limit, **seeded)
 
 
 def _prompt_file(uri: Optional[str]) -> Optional[str]:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 from bpo_ray.evaluate.sources import read_json
+from bpo_ray.evaluate.items import SkipTally
 
 NAME = "alpaca_eval"
 
@@ -46,12 +47,8 @@ class ReferenceItem:
 
 
 @dataclass
-class LoadedReference:
-    items: list[ReferenceItem]
-    skipped: dict[str, int] = field(default_factory=dict)
-
-    def skip(self, reason: str) -> None:
-        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+class LoadedReference(SkipTally):
+    items: list[ReferenceItem] = field(default_factory=list)
 
 
 def load_reference(uri: str, max_items: Optional[int] = None) -> LoadedReference:
@@ -60,7 +57,7 @@ def load_reference(uri: str, max_items: Optional[int] = None) -> LoadedReference
     data = read_json(uri)
     if not isinstance(data, list):
         raise ValueError(f"{uri}: an AlpacaEval reference file is a JSON list of records")
-    loaded = LoadedReference([])
+    loaded = LoadedReference()
     for i, record in enumerate(data):
         if not isinstance(record, dict):
             loaded.skip("not_an_object")

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 from bpo_ray import storage
+from bpo_ray.evaluate.items import SkipTally
 
 NAME = "mtbench"
 RATING_MIN, RATING_MAX = 1, 10
@@ -77,12 +78,8 @@ class Question:
 
 
 @dataclass
-class LoadedQuestions:
-    questions: list[Question]
-    skipped: dict[str, int] = field(default_factory=dict)
-
-    def skip(self, reason: str) -> None:
-        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+class LoadedQuestions(SkipTally):
+    questions: list[Question] = field(default_factory=list)
 
 
 def parse_question(record: Any) -> Question:
@@ -109,7 +106,7 @@ def load_questions(uri: str, max_items: Optional[int] = None) -> LoadedQuestions
     ``bad_reference``, ``duplicate_question_id``)."""
     if not storage.exists(uri):
         raise QuestionFileError(f"no MT-Bench question file at {uri}")
-    loaded = LoadedQuestions([])
+    loaded = LoadedQuestions()
     seen: set[str] = set()
     for line in storage.iter_lines(uri):
         if not line.strip():
