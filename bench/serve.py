@@ -30,6 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import httpx  # noqa: E402
 
+from bpo_ray.serving.timing import server_ms  # noqa: E402
+
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -63,6 +65,7 @@ def percentile(values: list[float], q: float) -> float:
 async def load(url: str, bodies: list[dict], clients: int, per_client: int, headers: dict | None = None) -> dict:
     """``clients`` concurrent clients, each sending ``per_client`` requests back to back."""
     latencies: list[float] = []
+    server: list[float] = []  # the app's own time (Server-Timing), where it says
     limits = httpx.Limits(max_connections=clients + 4)
 
     async with httpx.AsyncClient(timeout=300, limits=limits, headers=headers or {}) as http:
@@ -72,12 +75,18 @@ async def load(url: str, bodies: list[dict], clients: int, per_client: int, head
                 resp = await http.post(url, json=bodies[(c * per_client + k) % len(bodies)])
                 resp.raise_for_status()
                 latencies.append(time.perf_counter() - t0)
+                app_ms = server_ms(resp.headers.get("server-timing"))
+                if app_ms is not None:
+                    server.append(app_ms)
 
         t0 = time.perf_counter()
         await asyncio.gather(*(client(c) for c in range(clients)))
         wall = time.perf_counter() - t0
-    return {"clients": clients, "requests": len(latencies), "rps": len(latencies) / wall,
-            "p50_ms": 1000 * percentile(latencies, 0.5), "p99_ms": 1000 * percentile(latencies, 0.99)}
+    out = {"clients": clients, "requests": len(latencies), "rps": len(latencies) / wall,
+           "p50_ms": 1000 * percentile(latencies, 0.5), "p99_ms": 1000 * percentile(latencies, 0.99)}
+    if server:
+        out["server_p50_ms"] = percentile(server, 0.5)
+    return out
 
 
 def wait_http(url: str, timeout_s: float = 300) -> None:
@@ -92,6 +101,45 @@ def wait_http(url: str, timeout_s: float = 300) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
+def model_bench(targets: dict[str, str], bodies: list[dict], args) -> list[dict]:
+    """The model app on Serve vs the one-process baseline at each concurrency level."""
+    for url in targets.values():  # warm up both (first-request costs)
+        asyncio.run(load(url, bodies, 2, 2))
+    print(f"\nmodel app: {len(bodies)} distinct image requests, max_tokens={args.max_tokens}, "
+          f"{args.replicas} Serve replicas x 1 CPU (batch<= {args.max_batch_size}) vs 1 uvicorn process")
+    print(f"{'clients':>7} | {'serve req/s':>11} {'p50 ms':>8} {'p99 ms':>8} | "
+          f"{'base req/s':>10} {'p50 ms':>8} {'p99 ms':>8} | {'rps ratio':>9}")
+    levels = []
+    for c in args.concurrency:
+        per_client = max(args.requests_per_client, -(-args.min_requests // c))
+        row = {name: asyncio.run(load(url, bodies, c, per_client)) for name, url in targets.items()}
+        row["rps_ratio"] = row["serve"]["rps"] / row["baseline"]["rps"]
+        levels.append(row)
+        s, b = row["serve"], row["baseline"]
+        print(f"{c:>7} | {s['rps']:>11.2f} {s['p50_ms']:>8.0f} {s['p99_ms']:>8.0f} | "
+              f"{b['rps']:>10.2f} {b['p50_ms']:>8.0f} {b['p99_ms']:>8.0f} | {row['rps_ratio']:>8.2f}x")
+    return levels
+
+
+def judge_bench(judge: str, args) -> dict:
+    """Cache misses (the model app answers upstream), then the same requests again, ``--judge-hit-rounds``
+    times (cache hits); client-observed latency and the proxy's own time (``Server-Timing``)."""
+    judge_url = judge + "/chat/completions"
+    auth = {"Authorization": f"Bearer {BENCH_TOKEN}"}
+    judge_bodies = [{**request_body(10_000 + i, args.max_tokens), "seed": 0} for i in range(args.judge_requests)]
+    miss = asyncio.run(load(judge_url, judge_bodies, 1, len(judge_bodies), auth))
+    hit = asyncio.run(load(judge_url, judge_bodies, 1, len(judge_bodies) * args.judge_hit_rounds, auth))
+    usage = httpx.get(judge + "/usage", headers=auth, timeout=30).json()["usage"]
+    out = {"miss": miss, "hit": hit, "speedup_p50": miss["p50_ms"] / hit["p50_ms"],
+           "upstream_requests": usage["upstream_requests"], "cache_hits": usage["cache_hits"]}
+    print(f"\njudge proxy ({args.judge_requests} deterministic requests, upstream = the model app; "
+          f"{hit['requests']} hits):")
+    print(f"  cache miss p50 {miss['p50_ms']:.1f} ms, cache hit p50 {hit['p50_ms']:.2f} ms client-observed "
+          f"({hit.get('server_p50_ms', float('nan')):.3f} ms in the proxy app) -> {out['speedup_p50']:.1f}x faster; "
+          f"upstream calls {usage['upstream_requests']}, cache hits {usage['cache_hits']}")
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mllm", help="LLaVA checkpoint dir (default: build the tiny random one)")
@@ -102,6 +150,9 @@ def main(argv=None) -> int:
     parser.add_argument("--replicas", type=int, default=2, help="Serve model replicas (1 CPU each)")
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--judge-requests", type=int, default=8)
+    parser.add_argument("--judge-hit-rounds", type=int, default=8, help="hits: the judge requests, this many times")
+    parser.add_argument("--only", choices=("model", "judge"),
+                        help="run one part (judge: the model app still runs, as the proxy's upstream)")
     parser.add_argument("--out", help="also write the results as JSON here")
     args = parser.parse_args(argv)
 
@@ -131,9 +182,12 @@ def main(argv=None) -> int:
     n_bodies = max(max(args.concurrency) * args.requests_per_client, args.min_requests)
     bodies = [request_body(i, args.max_tokens) for i in range(n_bodies)]
 
-    baseline_port = free_port()
-    baseline = subprocess.Popen([sys.executable, "-m", "bpo_ray.serving.standalone", "--port", str(baseline_port),
-                                 "--set", f"models.mllm={mllm}"], cwd=Path(__file__).resolve().parents[1])
+    baseline = None
+    if args.only != "judge":
+        baseline_port = free_port()
+        baseline = subprocess.Popen([sys.executable, "-m", "bpo_ray.serving.standalone", "--port",
+                                     str(baseline_port), "--set", f"models.mllm={mllm}"],
+                                    cwd=Path(__file__).resolve().parents[1])
     results: dict = {"config": {**vars(args), "mllm": mllm, "cpus": os.cpu_count()}, "levels": []}
     try:
         ray.init(num_cpus=args.replicas + 1, include_dashboard=False, namespace="bench-serve",
@@ -141,40 +195,17 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         urls = start_serving(cfg)
         results["serve_start_s"] = time.perf_counter() - t0
-        wait_http(f"http://127.0.0.1:{baseline_port}/v1/models")
-        targets = {"serve": urls.model + "/chat/completions",
-                   "baseline": f"http://127.0.0.1:{baseline_port}/v1/chat/completions"}
-        for url in targets.values():  # warm up both (first-request costs)
-            asyncio.run(load(url, bodies, 2, 2))
-
-        print(f"\nmodel app: {n_bodies} distinct image requests, max_tokens={args.max_tokens}, "
-              f"{args.replicas} Serve replicas x 1 CPU (batch<= {args.max_batch_size}) vs 1 uvicorn process")
-        print(f"{'clients':>7} | {'serve req/s':>11} {'p50 ms':>8} {'p99 ms':>8} | "
-              f"{'base req/s':>10} {'p50 ms':>8} {'p99 ms':>8} | {'rps ratio':>9}")
-        for c in args.concurrency:
-            per_client = max(args.requests_per_client, -(-args.min_requests // c))
-            row = {name: asyncio.run(load(url, bodies, c, per_client)) for name, url in targets.items()}
-            row["rps_ratio"] = row["serve"]["rps"] / row["baseline"]["rps"]
-            results["levels"].append(row)
-            s, b = row["serve"], row["baseline"]
-            print(f"{c:>7} | {s['rps']:>11.2f} {s['p50_ms']:>8.0f} {s['p99_ms']:>8.0f} | "
-                  f"{b['rps']:>10.2f} {b['p50_ms']:>8.0f} {b['p99_ms']:>8.0f} | {row['rps_ratio']:>8.2f}x")
-
-        judge_url = urls.judge + "/chat/completions"
-        auth = {"Authorization": f"Bearer {BENCH_TOKEN}"}
-        judge_bodies = [{**request_body(10_000 + i, args.max_tokens), "seed": 0} for i in range(args.judge_requests)]
-        miss = asyncio.run(load(judge_url, judge_bodies, 1, len(judge_bodies), auth))
-        hit = asyncio.run(load(judge_url, judge_bodies, 1, len(judge_bodies), auth))
-        usage = httpx.get(urls.judge + "/usage", headers=auth, timeout=30).json()["usage"]
-        results["judge"] = {"miss": miss, "hit": hit, "speedup_p50": miss["p50_ms"] / hit["p50_ms"],
-                            "upstream_requests": usage["upstream_requests"], "cache_hits": usage["cache_hits"]}
-        print(f"\njudge proxy ({args.judge_requests} deterministic requests, upstream = the model app):")
-        print(f"  cache miss p50 {miss['p50_ms']:.1f} ms, cache hit p50 {hit['p50_ms']:.1f} ms -> "
-              f"{results['judge']['speedup_p50']:.1f}x faster; upstream calls {usage['upstream_requests']}, "
-              f"cache hits {usage['cache_hits']}")
+        if baseline is not None:
+            wait_http(f"http://127.0.0.1:{baseline_port}/v1/models")
+            targets = {"serve": urls.model + "/chat/completions",
+                       "baseline": f"http://127.0.0.1:{baseline_port}/v1/chat/completions"}
+            results["levels"] = model_bench(targets, bodies, args)
+        if args.only != "model":
+            results["judge"] = judge_bench(urls.judge, args)
     finally:
-        baseline.terminate()
-        baseline.wait(timeout=30)
+        if baseline is not None:
+            baseline.terminate()
+            baseline.wait(timeout=30)
         if ray.is_initialized():
             serve.shutdown()
             ray.shutdown()

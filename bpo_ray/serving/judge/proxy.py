@@ -29,6 +29,7 @@ from bpo_ray.serving.judge.cache import JudgeCache, cache_key, is_deterministic
 from bpo_ray.serving.judge.limits import SlidingWindowLimiter
 from bpo_ray.serving.judge.upstream import UpstreamClient, UpstreamResult
 from bpo_ray.serving.judge.usage import Usage, UsageLedger
+from bpo_ray.serving.timing import ServerTimingMiddleware
 
 logger = logging.getLogger("bpo_ray.serving.judge")
 
@@ -175,6 +176,7 @@ def create_judge_app(cfg: JudgeProxyConfig, prefix: str = "") -> FastAPI:
 
     app = FastAPI(title="bpo-ray judge proxy", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     install_error_handlers(app)
+    app.add_middleware(ServerTimingMiddleware)
 
     def proxy() -> JudgeProxy:
         if "proxy" not in proxy_holder:  # apps mounted without lifespan (tests with httpx transports)
