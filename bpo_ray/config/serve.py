@@ -90,5 +90,8 @@ class JudgeProxyConfig(StrictModel):
 class ServeConfig(StrictModel):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    ingress: Literal["proxy", "haproxy"] = Field(
+        "proxy", description="who takes HTTP on port: Serve's HTTP proxy, or HAProxy straight to the replicas "
+                             "(bpo_ray/serving/ingress.py; a cluster-wide switch, set when Ray starts)")
     model: ModelAppConfig = ModelAppConfig()
     judge: JudgeProxyConfig = JudgeProxyConfig()

@@ -46,9 +46,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from bpo_ray.config import ConfigError
     from bpo_ray.models.ensure import ensure_models
     from bpo_ray.models.loading import resolve_model_path
-    from bpo_ray.raycluster import init_ray
+    from bpo_ray.raycluster import init_ray, ray_address_choice
     from bpo_ray.serving.apps import with_adapters
     from bpo_ray.serving.deploy import JUDGE_APP, MODEL_APP, start_serving, stop_serving
+    from bpo_ray.serving.ingress import prepare_ingress
 
     try:
         cfg = with_adapters(cfg, dict(args.adapter))
@@ -63,6 +64,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except FileNotFoundError as exc:
             print(f"bpo-ray serve: {exc}", file=sys.stderr)
             return 2
+    note = prepare_ingress(cfg.serve.ingress, joins_cluster=ray_address_choice(cfg.ray)[0] is not None)
+    if note:
+        print(f"bpo-ray serve: {note}", file=sys.stderr)
     init_ray(cfg.ray)
     urls = start_serving(cfg, apps)
     if urls.model:

@@ -6,6 +6,11 @@ revocable tokens (``judge.client_tokens_env``); deterministic requests are answe
 persistent cache (identical concurrent ones share one upstream call); each client is rate
 limited and all together are capped at ``max_concurrency`` upstream calls; 429/5xx are retried
 with exponential backoff; and tokens and cost are accounted per client at ``GET /usage``.
+
+The cache and the usage counts live in one sqlite file that every replica shares (``cache``,
+``usage``). A hit costs a primary-key read and a ledger update in memory; the stored bytes go
+back as they are. Every response says how long the app took (``Server-Timing``) and which
+replica answered (``X-BPO-Replica``).
 """
 
 from __future__ import annotations
