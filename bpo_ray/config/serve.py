@@ -72,7 +72,10 @@ class JudgeProxyConfig(StrictModel):
     upstream_model: Optional[str] = Field(None, description="force this upstream model; None: the client's")
     upstream_key_env: str = "OPENAI_API_KEY"
     client_tokens_env: str = Field("BPO_JUDGE_TOKENS", description="env var: 'name:token,...' or 'token,...'")
-    cache_path: str = Field("runs/tiny/judge_cache.sqlite", description="local sqlite file")
+    cache_path: str = Field("runs/tiny/judge_cache.sqlite",
+                            description="sqlite file (answers and usage), shared by the replicas on one host")
+    num_replicas: int = Field(1, ge=1, description="proxy replicas; they share cache_path, so keep them on "
+                                                   "one node (rate limits and max_concurrency are per replica)")
     rate_limit_per_minute: int = Field(600, ge=1, description="per client, requests that reach upstream")
     max_concurrency: int = Field(16, ge=1, description="upstream requests in flight, all clients")
     max_retries: int = Field(4, ge=0, description="on upstream 429/5xx and connection errors")
@@ -87,5 +90,8 @@ class JudgeProxyConfig(StrictModel):
 class ServeConfig(StrictModel):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    ingress: Literal["proxy", "haproxy"] = Field(
+        "proxy", description="who takes HTTP on port: Serve's HTTP proxy, or HAProxy straight to the replicas "
+                             "(bpo_ray/serving/ingress.py; a cluster-wide switch, set when Ray starts)")
     model: ModelAppConfig = ModelAppConfig()
     judge: JudgeProxyConfig = JudgeProxyConfig()

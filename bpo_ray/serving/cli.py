@@ -44,9 +44,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from bpo_ray.config import ConfigError
     from bpo_ray.models.ensure import ensure_models
     from bpo_ray.models.loading import resolve_model_path
-    from bpo_ray.raycluster import init_ray
+    from bpo_ray.raycluster import init_ray, ray_address_choice
     from bpo_ray.serving.apps import with_adapters
     from bpo_ray.serving.deploy import JUDGE_APP, MODEL_APP, start_serving, stop_serving
+    from bpo_ray.serving.ingress import prepare_ingress
 
     try:
         cfg = with_adapters(cfg, dict(args.adapter))
@@ -59,6 +60,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             resolve_model_path(cfg.models.mllm, cfg.models.cache_dir)
         except FileNotFoundError as exc:
             return stage_error("serve", exc)
+    note = prepare_ingress(cfg.serve.ingress, joins_cluster=ray_address_choice(cfg.ray)[0] is not None)
+    if note:
+        print(f"bpo-ray serve: {note}", file=sys.stderr)
     init_ray(cfg.ray)
     urls = start_serving(cfg, apps)
     if urls.model:

@@ -6,6 +6,11 @@ revocable tokens (``judge.client_tokens_env``); deterministic requests are answe
 persistent cache (identical concurrent ones share one upstream call); each client is rate
 limited and all together are capped at ``max_concurrency`` upstream calls; 429/5xx are retried
 with exponential backoff; and tokens and cost are accounted per client at ``GET /usage``.
+
+The cache and the usage counts live in one sqlite file that every replica shares (``cache``,
+``usage``). A hit costs a primary-key read and a ledger update in memory; the stored bytes go
+back as they are. Every response says how long the app took (``Server-Timing``) and which
+replica answered (``X-BPO-Replica``).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from bpo_ray.config.serve import JudgeProxyConfig
@@ -28,15 +33,24 @@ from bpo_ray.serving.judge.auth import ClientAuth
 from bpo_ray.serving.judge.cache import JudgeCache, cache_key, is_deterministic
 from bpo_ray.serving.judge.limits import SlidingWindowLimiter
 from bpo_ray.serving.judge.upstream import UpstreamClient, UpstreamResult
-from bpo_ray.serving.judge.usage import Usage, UsageLedger
+from bpo_ray.serving.judge.usage import Usage, UsageLedger, UsageStore
+from bpo_ray.serving.timing import ServerTimingMiddleware
 
 logger = logging.getLogger("bpo_ray.serving.judge")
+USAGE_SETTLE_S = 0.05  # GET /usage with several replicas: how long the others get to write their counts
 
 
 @dataclass
 class _Answer:
-    body: dict
-    source: str  # "cache" | "upstream" | "shared"
+    body: Optional[dict]          # a parsed answer (upstream, shared), or
+    raw: Optional[bytes]          # a cached one, as stored (sent as-is: nothing parsed on a hit)
+    source: str                   # "cache" | "upstream" | "shared"
+
+    def response(self, replica: str) -> Response:
+        headers = {"X-BPO-Cache": "miss" if self.source == "upstream" else "hit", "X-BPO-Replica": replica}
+        if self.raw is not None:
+            return Response(self.raw, media_type="application/json", headers=headers)
+        return JSONResponse(self.body, headers=headers)
 
 
 class JudgeProxy:
@@ -58,8 +72,11 @@ class JudgeProxy:
         self.cache = JudgeCache(cfg.cache_path)
         self.limiter = SlidingWindowLimiter(cfg.rate_limit_per_minute)
         self.gate = asyncio.Semaphore(cfg.max_concurrency)
-        self.ledger = UsageLedger(cfg.price_per_1k_prompt, cfg.price_per_1k_completion)
+        self.usage_store = UsageStore(cfg.cache_path)  # shared by the replicas, like the cache
+        self.ledger = UsageLedger(cfg.price_per_1k_prompt, cfg.price_per_1k_completion, self.usage_store)
+        self.replica = replica_name()
         self._in_flight: dict[str, asyncio.Future] = {}
+        self._flusher: Optional[asyncio.Task] = None
 
     def parse_body(self, raw: bytes) -> dict:
         if len(raw) > self.cfg.max_request_bytes:
@@ -85,15 +102,18 @@ class JudgeProxy:
     async def complete(self, client: str, body: dict) -> _Answer:
         key = cache_key(body, self.cfg.upstream_base_url) if is_deterministic(body) else None
         if key is not None:
-            cached = await asyncio.to_thread(self.cache.get, key)
+            cached = self.cache.get_raw(key)  # a WAL read never waits for writers: no thread hop
             if cached is not None:
-                return self._hit(client, cached, "cache")
+                return self._hit(client, cached.prompt_tokens, cached.completion_tokens,
+                                 _Answer(None, cached.body, "cache"))
             shared = self._in_flight.get(key)
             if shared is not None:  # the same request is on its way upstream: wait for its answer
-                return self._hit(client, await asyncio.shield(shared), "shared")
+                body = await asyncio.shield(shared)
+                p, c, _ = self.ledger.cost(body.get("usage"))
+                return self._hit(client, p, c, _Answer(body, None, "shared"))
         retry_after = self.limiter.admit(client)
         if retry_after is not None:
-            self.ledger.record(client, Usage(errors=1))
+            self._record(client, Usage(errors=1))
             raise APIError(429, f"rate limit of {self.cfg.rate_limit_per_minute} requests/minute reached",
                            code="rate_limit_exceeded", headers={"Retry-After": str(int(retry_after) + 1)})
         future: Optional[asyncio.Future] = None
@@ -104,11 +124,11 @@ class JudgeProxy:
             async with self.gate:
                 result = await self.upstream.complete(body)
             answer = self._settle(client, body, result)
-            if key is not None:
-                await asyncio.to_thread(self.cache.put, key, answer)
+            if key is not None:  # another replica may have stored this key first: its answer wins
+                answer = await asyncio.to_thread(self.cache.put, key, answer)
             if future is not None:
                 future.set_result(answer)
-            return _Answer(answer, "upstream")
+            return _Answer(answer, None, "upstream")
         except BaseException as exc:
             if future is not None and not future.done():
                 future.set_exception(exc if isinstance(exc, APIError) else APIError(502, "upstream call failed"))
@@ -118,11 +138,11 @@ class JudgeProxy:
             if key is not None:
                 self._in_flight.pop(key, None)
 
-    def _hit(self, client: str, body: dict, source: str) -> _Answer:
-        _, _, cost = self.ledger.cost(body.get("usage"))
-        self.ledger.record(client, Usage(requests=1, cache_hits=1, saved_usd=cost))
-        logger.info("judge: client=%s answered from %s", client, source)
-        return _Answer(body, source)
+    def _hit(self, client: str, prompt_tokens: int, completion_tokens: int, answer: _Answer) -> _Answer:
+        cost = self.ledger.price(prompt_tokens, completion_tokens)
+        self._record(client, Usage(requests=1, cache_hits=1, saved_usd=cost))
+        logger.info("judge: client=%s answered from %s", client, answer.source)
+        return answer
 
     def _settle(self, client: str, body: dict, result: UpstreamResult) -> dict:
         usage = Usage(upstream_requests=1, upstream_attempts=result.attempts, retries=result.attempts - 1)
@@ -131,15 +151,55 @@ class JudgeProxy:
         if result.status == 200 and result.body is not None:
             usage.prompt_tokens, usage.completion_tokens, usage.cost_usd = self.ledger.cost(result.body.get("usage"))
             usage.requests = 1
-            self.ledger.record(client, usage)
+            self._record(client, usage)
             return result.body
         usage.errors = 1
-        self.ledger.record(client, usage)
+        self._record(client, usage)
         raise _client_error(result)
 
+    def _record(self, client: str, delta: Usage) -> None:
+        """Count ``delta`` now (memory) and have it written to the shared ledger soon, off the request path."""
+        self.ledger.record(client, delta)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_pending())
+
+    async def _flush_pending(self) -> None:
+        while self.ledger.pending:  # what is recorded during a write goes in the next one
+            batch = self.ledger.take_pending()
+            try:
+                await asyncio.to_thread(self.usage_store.add, batch)
+            except Exception as exc:  # noqa: BLE001 - keep the counts; the next request retries
+                self.ledger.restore(batch)
+                logger.warning("judge: usage not written yet (%s); will retry", type(exc).__name__)
+                return
+
+    async def usage_report(self, client: str) -> dict:
+        """``GET /usage``: every replica's counts for ``client`` and in total, from the shared ledger.
+        Other replicas write theirs within milliseconds of answering; with several replicas the
+        report waits ``USAGE_SETTLE_S`` so that what they answered before it was asked is in."""
+        if self._flusher is not None:
+            await asyncio.shield(self._flusher)
+        await self._flush_pending()
+        if self.cfg.num_replicas > 1:
+            await asyncio.sleep(USAGE_SETTLE_S)
+        counts = await asyncio.to_thread(self.ledger.counts)
+        report = self.ledger.report(client, counts)
+        report["cache_entries"] = await asyncio.to_thread(len, self.cache)
+        return report
+
     async def close(self) -> None:
+        await self._flush_pending()
         await self.upstream.close()
         self.cache.close()
+        self.usage_store.close()
+
+
+def replica_name() -> str:
+    """This Serve replica's id (``X-BPO-Replica``: which replica answered), or the process id outside Serve."""
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - not running in a Serve replica
+        return f"pid-{os.getpid()}"
 
 
 def parse_tokens_for_redaction(env_name: str) -> list[str]:
@@ -175,6 +235,7 @@ def create_judge_app(cfg: JudgeProxyConfig, prefix: str = "") -> FastAPI:
 
     app = FastAPI(title="bpo-ray judge proxy", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     install_error_handlers(app)
+    app.add_middleware(ServerTimingMiddleware)
 
     def proxy() -> JudgeProxy:
         if "proxy" not in proxy_holder:  # apps mounted without lifespan (tests with httpx transports)
@@ -182,20 +243,17 @@ def create_judge_app(cfg: JudgeProxyConfig, prefix: str = "") -> FastAPI:
         return proxy_holder["proxy"]
 
     @app.post(prefix + "/chat/completions")
-    async def chat_completions(request: Request) -> JSONResponse:
+    async def chat_completions(request: Request) -> Response:
         p = proxy()
         client = p.auth.authenticate(request.headers.get("authorization"))
         body = p.parse_body(await request.body())
         answer = await p.complete(client, body)
-        return JSONResponse(answer.body, headers={"X-BPO-Cache": "miss" if answer.source == "upstream" else "hit"})
+        return answer.response(p.replica)
 
     @app.get(prefix + "/usage")
     async def usage(request: Request) -> dict:
         p = proxy()
-        client = p.auth.authenticate(request.headers.get("authorization"))
-        report = p.ledger.report(client)
-        report["cache_entries"] = await asyncio.to_thread(len, p.cache)
-        return report
+        return await p.usage_report(p.auth.authenticate(request.headers.get("authorization")))
 
     @app.get(prefix + "/models")
     async def models(request: Request) -> dict:
@@ -210,7 +268,8 @@ def create_judge_app(cfg: JudgeProxyConfig, prefix: str = "") -> FastAPI:
 @serve.deployment(name="JudgeProxy", num_replicas=1, max_ongoing_requests=1024)
 @serve.ingress()
 class JudgeProxyDeployment:
-    """One replica: usage accounting, rate limits and the concurrency cap live in its memory."""
+    """``judge.num_replicas`` replicas share the cache and the usage ledger (one sqlite file); rate
+    limits, the concurrency cap and the merging of identical in-flight requests are per replica."""
 
     def __init__(self, judge_cfg: dict):
         self.cfg = JudgeProxyConfig.model_validate(judge_cfg)
@@ -224,4 +283,5 @@ def build_judge_application(cfg: JudgeProxyConfig, runtime_env: Optional[dict] =
     actor: dict = {"num_cpus": cfg.num_cpus}
     if runtime_env:
         actor["runtime_env"] = runtime_env
-    return JudgeProxyDeployment.options(ray_actor_options=actor).bind(cfg.model_dump(mode="json"))
+    return JudgeProxyDeployment.options(num_replicas=cfg.num_replicas, ray_actor_options=actor).bind(
+        cfg.model_dump(mode="json"))
