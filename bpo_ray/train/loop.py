@@ -125,10 +125,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[list]:
     import ray.train.torch
 
     timeline = Timeline()
-    loop_started = time.time()
+    loop_started, loop_cpu = time.time(), time.process_time()
     created = process_start_time()
-    if created is not None and created < loop_started:
-        timeline.add("process_to_loop", created, loop_started)  # Ray worker start, imports, process group
+    if created is not None and created < loop_started:  # Ray worker start, imports, process group
+        timeline.add("process_to_loop", created, loop_started, cpu_s=loop_cpu)
     started = time.perf_counter()
     train = TrainConfig.model_validate(config["train"])
     models = ModelsConfig.model_validate(config["models"])
@@ -142,9 +142,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[list]:
 
     t0 = time.perf_counter()
     with timeline.phase("import_deepspeed"):
-        import deepspeed
+        from bpo_ray.train.zero import import_deepspeed
 
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # its JIT build costs minutes on CPU
+        deepspeed = import_deepspeed()  # no shared-memory op build, no TorchInductor for Muon
     deepspeed_import_s = time.perf_counter() - t0
 
     from bpo_ray.models.loading import load_mllm
@@ -281,11 +281,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[list]:
                 print(f"[bpo-ray train] {warning}", file=sys.stderr, flush=True)
         return stop
 
-    timeline.add("setup", loop_started)
+    timeline.add("setup", loop_started, cpu_s=time.process_time() - loop_cpu)
     while state.step < steps_total:
         _maybe_fail(state.step + 1, rank, world, out_uri)
         t_step = time.perf_counter()
-        step_started = time.time()
+        step_started, step_cpu = time.time(), time.process_time()
         lr = schedule.lr_at(state.position.samples_seen + step_samples)
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
@@ -303,7 +303,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[list]:
         reduced = dict(zip(keys, all_reduce_sum([sums[k] for k in keys], device)))
         n = reduced.pop("n")
         elapsed = time.perf_counter() - t_step
-        timeline.add("steps", step_started)
+        timeline.add("steps", step_started, cpu_s=time.process_time() - step_cpu)
         metrics = {k: v / n for k, v in reduced.items()}
         metrics.update(step=state.step, epoch=state.position.epoch, samples_seen=state.position.samples_seen,
                        lr=lr, samples_per_s=step_samples / elapsed, step_time_s=elapsed, world_size=world,
@@ -334,5 +334,5 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[list]:
             break
     if progress is not None:
         progress.close()
-    timeline.add("loop", loop_started)
+    timeline.add("loop", loop_started, cpu_s=time.process_time() - loop_cpu)
     return timeline.to_json()

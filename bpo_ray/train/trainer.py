@@ -38,6 +38,7 @@ from bpo_ray.train.checkpoint import CHECKPOINTS_DIR
 from bpo_ray.train.loop import FAIL_AT_STEP_ENV, train_loop_per_worker
 from bpo_ray.train.lora import resolve_targets
 from bpo_ray.train.plots import plot_logps, read_metrics
+from bpo_ray.train.ray_settings import controller_settings, start_autoscaling_coordinator
 from bpo_ray.train.timeline import Timeline, phase_seconds
 from bpo_ray.train.validation import VALIDATION_DIR, summary as validation_summary
 from bpo_ray.train.zero import load_deepspeed_template
@@ -121,7 +122,7 @@ def _run_config(train: TrainConfig, out_uri: str, numerics_cfg: Optional[Numeric
 def run_training(cfg: BPOConfig, pairs_uri: str, out_uri: str) -> TrainResult:
     """Train (DPO or SFT per ``cfg.train.mode``) on the pairs at ``pairs_uri``; outputs go to ``out_uri``."""
     timeline = Timeline()
-    entered = time.time()
+    entered, entered_cpu = time.time(), time.process_time()
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
     from transformers import AutoProcessor
@@ -130,7 +131,7 @@ def run_training(cfg: BPOConfig, pairs_uri: str, out_uri: str) -> TrainResult:
     from bpo_ray.models.loading import resolve_model_path
     from bpo_ray.raycluster import check_cluster_can_write, init_ray
 
-    timeline.add("driver.imports", entered)
+    timeline.add("driver.imports", entered, cpu_s=time.process_time() - entered_cpu)
     started = time.perf_counter()
     with timeline.phase("driver.ensure_models"):
         cfg = cfg.model_copy(update={"models": ensure_models(cfg.models, ["mllm"], cfg.name, "train")})
@@ -154,6 +155,7 @@ def run_training(cfg: BPOConfig, pairs_uri: str, out_uri: str) -> TrainResult:
     validated_s = time.perf_counter() - started
     with timeline.phase("driver.ray_init"):
         init_ray(cfg.ray)
+        start_autoscaling_coordinator()  # the controller waits for it: let it start alongside
     with timeline.phase("driver.storage_check"):
         run_config = _run_config(train, out_uri, cfg.numerics)
         check_cluster_can_write(out_uri, run_config.worker_runtime_env)
@@ -172,7 +174,7 @@ def run_training(cfg: BPOConfig, pairs_uri: str, out_uri: str) -> TrainResult:
         run_config=run_config,
     )
     fit_started = time.perf_counter()
-    with timeline.phase("driver.fit"):
+    with timeline.phase("driver.fit"), controller_settings(train.poll_interval_s):
         result = trainer.fit()
     fit_s = time.perf_counter() - fit_started
     final_metrics = dict(result.metrics or {})
@@ -220,7 +222,7 @@ def run_training(cfg: BPOConfig, pairs_uri: str, out_uri: str) -> TrainResult:
         reference="precomputed" if use_reference_columns else "adapter_disabled",
         wall_s=wall,
         validation=validation,
-        timeline=Timeline(timeline.phases + [(f"worker.{n}", s, e) for n, s, e in worker_timeline.phases]),
+        timeline=Timeline(timeline.phases + worker_timeline.prefixed("worker.").phases),
     )
 
 
