@@ -42,8 +42,9 @@ def pairs_location(uri: str) -> str:
     return nested if storage.exists(nested) else uri
 
 
-def read_pairs(uri: str) -> pa.Table:
-    """All pairs under ``uri`` (a Parquet file, a directory of them, or a stage output dir)."""
+def read_pairs(uri: str, canonical: bool = True) -> pa.Table:
+    """All pairs under ``uri`` (a Parquet file, a directory of them, or a stage output dir), in
+    ``canonical_order`` (or, with ``canonical=False``, as the files hold them)."""
     location = pairs_location(uri)
     if not storage.exists(location):
         raise PairsError(f"no pairs at {uri}: path does not exist")
@@ -55,7 +56,7 @@ def read_pairs(uri: str) -> pa.Table:
         raise PairsError(f"pairs do not match the pair schema: {exc}") from exc
     if table.num_rows == 0:
         raise PairsError(f"no pairs at {uri}: the Parquet files hold 0 rows")
-    return canonical_order(table)
+    return canonical_order(table) if canonical else table
 
 
 #: What orders pairs for training: their content, never file names, row order or ids (ids and
