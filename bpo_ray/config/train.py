@@ -99,6 +99,9 @@ class TrainConfig(StrictModel):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping; 0 turns it off")
     checkpoints_to_keep: int = Field(2, ge=1)
+    poll_interval_s: float = Field(0.25, gt=0, description="how often Ray Train's controller polls the workers "
+                                   "(RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, Ray's default 2 s): a run's end and each "
+                                   "checkpoint report wait for polls (bpo_ray/train/ray_settings.py)")
     use_precomputed_reference: bool = Field(True, description="use ref_*_logp columns when every pair has them")
     strategies: Optional[list[Literal["image_weakened", "error_injection", "judge_ranked", "on_policy"]]] = Field(
         None, description="train only on pairs whose negative came from these strategies (null: all)")

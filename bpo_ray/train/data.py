@@ -29,6 +29,7 @@ from bpo_ray.models.prompts import IMAGE_TOKEN
 from bpo_ray.schemas import PAIR_SCHEMA, SchemaError, read_parquet
 from bpo_ray.models.prompts import pair_prompt
 from bpo_ray.train.logprobs import EncodedPair, PromptTooLong, encode_pair
+from bpo_ray.train.timeline import Timeline
 
 
 class PairsError(ValueError):
@@ -41,8 +42,9 @@ def pairs_location(uri: str) -> str:
     return nested if storage.exists(nested) else uri
 
 
-def read_pairs(uri: str) -> pa.Table:
-    """All pairs under ``uri`` (a Parquet file, a directory of them, or a stage output dir)."""
+def read_pairs(uri: str, canonical: bool = True) -> pa.Table:
+    """All pairs under ``uri`` (a Parquet file, a directory of them, or a stage output dir), in
+    ``canonical_order`` (or, with ``canonical=False``, as the files hold them)."""
     location = pairs_location(uri)
     if not storage.exists(location):
         raise PairsError(f"no pairs at {uri}: path does not exist")
@@ -54,7 +56,7 @@ def read_pairs(uri: str) -> pa.Table:
         raise PairsError(f"pairs do not match the pair schema: {exc}") from exc
     if table.num_rows == 0:
         raise PairsError(f"no pairs at {uri}: the Parquet files hold 0 rows")
-    return canonical_order(table)
+    return canonical_order(table) if canonical else table
 
 
 #: What orders pairs for training: their content, never file names, row order or ids (ids and
@@ -129,6 +131,7 @@ def held_out_rows(ids: Sequence[str], rows: Sequence[int], n: int, seed: int) ->
 def prepare_pairs(
     uri: str, processor, max_length: int, check_images: bool = True, strategies: Optional[Sequence[str]] = None,
     noise_steps: Optional[Sequence[int]] = None, validation: Optional[ValidationConfig] = None,
+    timeline: Optional[Timeline] = None,
 ) -> PreparedPairs:
     """Validate the pairs at ``uri`` for training; see the module docstring for the checks.
 
@@ -137,8 +140,11 @@ def prepare_pairs(
     ``noise_steps`` keeps only the image-weakened pairs of those diffusion steps (the others are
     listed as ``noise_step_not_selected``); pairs of other strategies are not affected.
     ``validation`` (when enabled) moves some kept pairs to ``held_out`` (see ``held_out_rows``).
+    ``timeline`` (optional) gets the read, image check and token count phases.
     """
-    table = read_pairs(uri)
+    timeline = timeline or Timeline()
+    with timeline.phase("driver.read_pairs"):
+        table = read_pairs(uri)
     ids = table.column("id").to_pylist()
     dropped: dict[str, list[str]] = {}
     rows = list(range(table.num_rows))
@@ -162,8 +168,10 @@ def prepare_pairs(
             raise PairsError(f"no pairs at {uri} are left after train.noise_steps={sorted(wanted_steps)}")
     selected = table.take(rows)
     if check_images:
-        check_images_exist(selected)
-    lengths = dict(zip(rows, prompt_token_counts(processor, selected)))
+        with timeline.phase("driver.check_images"):
+            check_images_exist(selected)
+    with timeline.phase("driver.prompt_tokens"):
+        lengths = dict(zip(rows, prompt_token_counts(processor, selected)))
     keep = [i for i in rows if lengths[i] < max_length]
     too_long = [ids[i] for i in rows if lengths[i] >= max_length]
     if too_long:

@@ -34,6 +34,7 @@ from bpo_ray.train.lora import apply_lora, reference_model
 from bpo_ray.train.losses import PreferenceLoss, dpo_with_sft, sft_loss
 from bpo_ray.train.metrics_log import MetricsLog, peak_rss_mb
 from bpo_ray.train.schedule import WarmupCosine
+from bpo_ray.train.timeline import Timeline, process_start_time
 from bpo_ray.train.validation import BestAdapter, batches, chosen_drop, summarise
 
 FAIL_AT_STEP_ENV = "BPO_RAY_TRAIN_FAIL_AT_STEP"  # tests: kill one worker once at this step
@@ -115,11 +116,19 @@ def _validate(engine, dataset: PairDataset, train: TrainConfig, loss_fn, device,
     return broadcast(summarise(dict(zip(keys, all_reduce_sum([sums[k] for k in keys], device)))))
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point; ``config`` comes from ``bpo_ray.train.trainer.run_training``."""
+def train_loop_per_worker(config: dict[str, Any]) -> list[list]:
+    """Ray Train entry point; ``config`` comes from ``bpo_ray.train.trainer.run_training``.
+
+    Returns this worker's ``Timeline`` (JSON): where its wall time went (Ray Train hands rank 0's
+    to the driver as ``Result.return_value``)."""
     import ray.train
     import ray.train.torch
 
+    timeline = Timeline()
+    loop_started, loop_cpu = time.time(), time.process_time()
+    created = process_start_time()
+    if created is not None and created < loop_started:  # Ray worker start, imports, process group
+        timeline.add("process_to_loop", created, loop_started, cpu_s=loop_cpu)
     started = time.perf_counter()
     train = TrainConfig.model_validate(config["train"])
     models = ModelsConfig.model_validate(config["models"])
@@ -132,18 +141,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     dtype = torch.bfloat16 if train.precision == "bf16" else None
 
     t0 = time.perf_counter()
-    import deepspeed
+    with timeline.phase("import_deepspeed"):
+        from bpo_ray.train.zero import import_deepspeed
 
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # its JIT build costs minutes on CPU
+        deepspeed = import_deepspeed()  # no shared-memory op build, no TorchInductor for Muon
     deepspeed_import_s = time.perf_counter() - t0
 
     from bpo_ray.models.loading import load_mllm
 
     torch.manual_seed(train.seed)
     t0 = time.perf_counter()
-    model, processor = load_mllm(models.mllm, dtype=models.dtype, device=str(device), cache_dir=models.cache_dir)
+    with timeline.phase("load_model"):
+        model, processor = load_mllm(models.mllm, dtype=models.dtype, device=str(device), cache_dir=models.cache_dir)
     processor.tokenizer.padding_side = "right"
-    policy = apply_lora(model, train.lora)
+    with timeline.phase("apply_lora"):
+        policy = apply_lora(model, train.lora)
     policy.train()
     model_load_s = time.perf_counter() - t0
 
@@ -164,8 +176,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=train.lr,
                                   weight_decay=train.weight_decay)
     t0 = time.perf_counter()
-    engine, _, _, _ = deepspeed.initialize(model=policy, optimizer=optimizer,
-                                           config=fill_deepspeed_config(config["deepspeed"], train, world))
+    with timeline.phase("deepspeed_initialize"):
+        engine, _, _, _ = deepspeed.initialize(model=policy, optimizer=optimizer,
+                                               config=fill_deepspeed_config(config["deepspeed"], train, world))
     deepspeed_init_s = time.perf_counter() - t0
     resumed_from = None
     if restore_dir is not None:
@@ -176,7 +189,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         shutil.rmtree(restore_dir, ignore_errors=True)
     state.world_size = world
 
-    dataset = PairDataset(prepared, processor, train.max_length)
+    with timeline.phase("read_pairs"):
+        dataset = PairDataset(prepared, processor, train.max_length)
     micro = train.per_device_batch_size
     global_micro = micro * world
     step_samples = global_micro * train.grad_accum
@@ -215,18 +229,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     def checkpoint_and_report(metrics: dict, final: bool = False) -> None:
         tmp = tempfile.mkdtemp(prefix="bpo-ckpt-")
-        engine.save_checkpoint(os.path.join(tmp, "deepspeed"), tag=DS_TAG, exclude_frozen_parameters=True)
-        save_adapter(engine.module, os.path.join(tmp, "adapter"), rank, train.zero_stage, models.mllm)
+        with timeline.phase("checkpoint_deepspeed"):
+            engine.save_checkpoint(os.path.join(tmp, "deepspeed"), tag=DS_TAG, exclude_frozen_parameters=True)
+        with timeline.phase("checkpoint_adapter"):
+            save_adapter(engine.module, os.path.join(tmp, "adapter"), rank, train.zero_stage, models.mllm)
         if rank == 0:
             with open(os.path.join(tmp, "state.json"), "w") as f:
                 f.write(state.to_json())
-            if final and best is not None and best.record is not None:  # the best validated adapter
-                storage.upload_dir(os.path.join(tmp, "adapter"), storage.join(out_uri, "adapter_last"))
-                storage.copy_tree(best.adapter_uri(best.record), storage.join(out_uri, "adapter"))
-            elif final:
-                storage.upload_dir(os.path.join(tmp, "adapter"), storage.join(out_uri, "adapter"))
+            with timeline.phase("export_adapter"):
+                if final and best is not None and best.record is not None:  # the best validated adapter
+                    storage.upload_dir(os.path.join(tmp, "adapter"), storage.join(out_uri, "adapter_last"))
+                    storage.copy_tree(best.adapter_uri(best.record), storage.join(out_uri, "adapter"))
+                elif final:
+                    storage.upload_dir(os.path.join(tmp, "adapter"), storage.join(out_uri, "adapter"))
             log.flush()
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        with timeline.phase("report_checkpoint"):
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         shutil.rmtree(tmp, ignore_errors=True)
 
     val_loss_fn = loss_fn or PreferenceLoss(train.loss, train.beta, train.label_smoothing)
@@ -263,9 +281,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 print(f"[bpo-ray train] {warning}", file=sys.stderr, flush=True)
         return stop
 
+    timeline.add("setup", loop_started, cpu_s=time.process_time() - loop_cpu)
     while state.step < steps_total:
         _maybe_fail(state.step + 1, rank, world, out_uri)
         t_step = time.perf_counter()
+        step_started, step_cpu = time.time(), time.process_time()
         lr = schedule.lr_at(state.position.samples_seen + step_samples)
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
@@ -283,6 +303,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         reduced = dict(zip(keys, all_reduce_sum([sums[k] for k in keys], device)))
         n = reduced.pop("n")
         elapsed = time.perf_counter() - t_step
+        timeline.add("steps", step_started, cpu_s=time.process_time() - step_cpu)
         metrics = {k: v / n for k, v in reduced.items()}
         metrics.update(step=state.step, epoch=state.position.epoch, samples_seen=state.position.samples_seen,
                        lr=lr, samples_per_s=step_samples / elapsed, step_time_s=elapsed, world_size=world,
@@ -313,3 +334,5 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             break
     if progress is not None:
         progress.close()
+    timeline.add("loop", loop_started, cpu_s=time.process_time() - loop_cpu)
+    return timeline.to_json()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 
 from bpo_ray import storage
+from bpo_ray.train.timeline import peak_rss_mb  # noqa: F401  (the loop's memory figure)
 
 
 class MetricsLog:
@@ -33,6 +33,3 @@ class MetricsLog:
         if self.remote:
             storage.write_text(self.uri, "".join(line + "\n" for line in self.lines))
 
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

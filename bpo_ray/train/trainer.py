@@ -24,7 +24,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from bpo_ray import storage
@@ -38,6 +38,8 @@ from bpo_ray.train.checkpoint import CHECKPOINTS_DIR
 from bpo_ray.train.loop import FAIL_AT_STEP_ENV, train_loop_per_worker
 from bpo_ray.train.lora import resolve_targets
 from bpo_ray.train.plots import plot_logps, read_metrics
+from bpo_ray.train.ray_settings import controller_settings, start_autoscaling_coordinator
+from bpo_ray.train.timeline import Timeline, phase_seconds
 from bpo_ray.train.validation import VALIDATION_DIR, summary as validation_summary
 from bpo_ray.train.zero import load_deepspeed_template
 
@@ -55,6 +57,7 @@ class TrainResult:
     reference: str  # "precomputed" or "adapter_disabled"
     wall_s: float
     validation: Optional[dict] = None  # validation.summary(): exported step, collapse warnings
+    timeline: Timeline = field(default_factory=Timeline)  # driver phases and rank 0's ("worker." ...)
 
 
 def check_lora_targets(model_path: str, lora: LoraConfig) -> list[str]:
@@ -118,6 +121,8 @@ def _run_config(train: TrainConfig, out_uri: str, numerics_cfg: Optional[Numeric
 
 def run_training(cfg: BPOConfig, pairs_uri: str, out_uri: str) -> TrainResult:
     """Train (DPO or SFT per ``cfg.train.mode``) on the pairs at ``pairs_uri``; outputs go to ``out_uri``."""
+    timeline = Timeline()
+    entered, entered_cpu = time.time(), time.process_time()
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
     from transformers import AutoProcessor
@@ -126,26 +131,34 @@ def run_training(cfg: BPOConfig, pairs_uri: str, out_uri: str) -> TrainResult:
     from bpo_ray.models.loading import resolve_model_path
     from bpo_ray.raycluster import check_cluster_can_write, init_ray
 
+    timeline.add("driver.imports", entered, cpu_s=time.process_time() - entered_cpu)
     started = time.perf_counter()
-    cfg = cfg.model_copy(update={"models": ensure_models(cfg.models, ["mllm"], cfg.name, "train")})
+    with timeline.phase("driver.ensure_models"):
+        cfg = cfg.model_copy(update={"models": ensure_models(cfg.models, ["mllm"], cfg.name, "train")})
     train, models = cfg.train, cfg.models
     if train.lora.train_projector and not train.merge:
         print("bpo-ray train: note: an adapter with projector LoRA loads in PEFT but not as a vLLM LoRA "
               "adapter; set train.merge=true to also get a merged model vLLM can serve", file=sys.stderr)
     template = load_deepspeed_template(train)
     model_path = resolve_model_path(models.mllm, models.cache_dir)
-    check_lora_targets(model_path, train.lora)
-    processor = AutoProcessor.from_pretrained(model_path)
+    with timeline.phase("driver.lora_targets"):
+        check_lora_targets(model_path, train.lora)
+    with timeline.phase("driver.processor"):
+        processor = AutoProcessor.from_pretrained(model_path)
     prepared = prepare_pairs(pairs_uri, processor, train.max_length, strategies=train.strategies,
-                             noise_steps=train.noise_steps, validation=train.validation)
+                             noise_steps=train.noise_steps, validation=train.validation, timeline=timeline)
     use_reference_columns = train.mode == "dpo" and train.use_precomputed_reference and prepared.reference
     if use_reference_columns:
-        check_reference_settings(pairs_uri, train, models, model_path)
+        with timeline.phase("driver.reference_settings"):
+            check_reference_settings(pairs_uri, train, models, model_path)
 
     validated_s = time.perf_counter() - started
-    init_ray(cfg.ray)
-    run_config = _run_config(train, out_uri, cfg.numerics)
-    check_cluster_can_write(out_uri, run_config.worker_runtime_env)
+    with timeline.phase("driver.ray_init"):
+        init_ray(cfg.ray)
+        start_autoscaling_coordinator()  # the controller waits for it: let it start alongside
+    with timeline.phase("driver.storage_check"):
+        run_config = _run_config(train, out_uri, cfg.numerics)
+        check_cluster_can_write(out_uri, run_config.worker_runtime_env)
     config = {
         "train": train.model_dump(mode="json"),
         "models": models.model_dump(mode="json"),
@@ -161,16 +174,21 @@ def run_training(cfg: BPOConfig, pairs_uri: str, out_uri: str) -> TrainResult:
         run_config=run_config,
     )
     fit_started = time.perf_counter()
-    result = trainer.fit()
+    with timeline.phase("driver.fit"), controller_settings(train.poll_interval_s):
+        result = trainer.fit()
     fit_s = time.perf_counter() - fit_started
     final_metrics = dict(result.metrics or {})
+    worker_timeline = Timeline.from_json(result.return_value)
+    worker_timings = _worker_timings(timeline, worker_timeline)
 
     records = read_metrics(storage.join(out_uri, "metrics.jsonl"))
-    plot_logps(records, storage.join(out_uri, "logps.png"),
-               title=f"{train.mode.upper()} ({train.loss if train.mode == 'dpo' else 'NLL'}, beta={train.beta})")
+    with timeline.phase("driver.plot"):
+        plot_logps(records, storage.join(out_uri, "logps.png"),
+                   title=f"{train.mode.upper()} ({train.loss if train.mode == 'dpo' else 'NLL'}, beta={train.beta})")
     merged = None
     if train.merge:
-        merged = _merge(cfg, out_uri)
+        with timeline.phase("driver.merge"):
+            merged = _merge(cfg, out_uri)
     if prepared.dropped:
         storage.write_text(storage.join(out_uri, "dropped_pairs.json"), json.dumps(prepared.dropped, indent=2))
     validation = None
@@ -189,9 +207,11 @@ def run_training(cfg: BPOConfig, pairs_uri: str, out_uri: str) -> TrainResult:
                 "reference": "precomputed" if use_reference_columns else "adapter_disabled",
                 **({"validation": validation} if validation else {})},
         versions=library_versions(),
-        timings={"wall_s": round(wall, 3), "validate_s": round(validated_s, 3), "fit_s": round(fit_s, 3)},
+        timings={"wall_s": round(wall, 3), "validate_s": round(validated_s, 3), "fit_s": round(fit_s, 3),
+                 **phase_seconds(timeline), **worker_timings},
     )
-    storage.write_text(storage.join(out_uri, "manifest.json"), manifest.model_dump_json(indent=2))
+    with timeline.phase("driver.manifest"):
+        storage.write_text(storage.join(out_uri, "manifest.json"), manifest.model_dump_json(indent=2))
     return TrainResult(
         out=out_uri,
         steps=int(final_metrics.get("step", records[-1]["step"] if records else 0)),
@@ -202,7 +222,22 @@ def run_training(cfg: BPOConfig, pairs_uri: str, out_uri: str) -> TrainResult:
         reference="precomputed" if use_reference_columns else "adapter_disabled",
         wall_s=wall,
         validation=validation,
+        timeline=Timeline(timeline.phases + worker_timeline.prefixed("worker.").phases),
     )
+
+
+def _worker_timings(driver: Timeline, worker: Timeline) -> dict[str, float]:
+    """Rank 0's phases as ``worker.<phase>_s``, and Ray Train's own share of ``fit`` around them:
+    ``ray_train.start_s`` (``fit`` called until the loop started: controller, placement group,
+    worker process, imports, process group) and ``ray_train.finish_s`` (loop returned until
+    ``fit`` returned: the controller noticing, worker group shutdown)."""
+    out = phase_seconds(worker, prefix="worker.")
+    fit_start, fit_end = driver.start_of("driver.fit"), driver.end_of("driver.fit")
+    loop_start, loop_end = worker.start_of("loop"), worker.end_of("loop")
+    if None not in (fit_start, fit_end, loop_start, loop_end):
+        out["ray_train.start_s"] = round(loop_start - fit_start, 3)
+        out["ray_train.finish_s"] = round(fit_end - loop_end, 3)
+    return out
 
 
 def _merge(cfg: BPOConfig, out_uri: str) -> str:

@@ -5,7 +5,9 @@ of an elastic run)."""
 from __future__ import annotations
 
 import copy
+import importlib
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,42 @@ from bpo_ray.config.train import TrainConfig
 
 #: Shipped inside the package (the checkout's ``cluster/deepspeed/`` links here).
 DEEPSPEED_DIR = Path(__file__).resolve().parent / "deepspeed"
+
+
+#: DeepSpeed's Muon optimizer; ZeRO imports it in every process (see ``import_deepspeed``).
+MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
+
+
+def import_deepspeed():
+    """``deepspeed``, set up for a training worker (call before ``deepspeed.initialize``).
+
+    Its shared-memory comm op is marked incompatible: its JIT build costs minutes on CPU. And its
+    Muon optimizer module is imported with ``torch.compile`` as the identity: ZeRO imports that
+    module in every process (``deepspeed.runtime.zero.utils.is_zero_supported_optimizer`` during
+    ``deepspeed.initialize``, stage 1-2's ``average_tensor`` in backward), and its three
+    ``@torch.compile`` decorators import TorchInductor there, 1.5-2 CPU-s per worker for an
+    optimizer this trainer never uses (the loop always hands DeepSpeed torch's AdamW). The Muon
+    functions stay plain Python; nothing this trainer runs changes. Where DeepSpeed's layout
+    differs (no such module, no ``runtime.compiler.compile``), DeepSpeed imports it as usual.
+    """
+    import deepspeed
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if MUON_MODULE not in sys.modules:
+        try:
+            from deepspeed.runtime import compiler
+        except ImportError:
+            return deepspeed
+        compile_decorator = getattr(compiler, "compile", None)
+        if compile_decorator is not None:
+            compiler.compile = lambda: (lambda fn: fn)
+            try:
+                importlib.import_module(MUON_MODULE)
+            except ImportError:
+                pass  # DeepSpeed tolerates a missing Muon too
+            finally:
+                compiler.compile = compile_decorator
+    return deepspeed
 
 
 class ZeroConfigError(ValueError):
