@@ -7,7 +7,7 @@ json, LLaVA-Bench jsonl, local paths or ``s3://`` URIs) evaluates on the real be
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 from pydantic import Field, model_validator
 
@@ -17,8 +17,31 @@ BENCHMARK_NAMES: tuple[str, ...] = ("chair", "pope", "mmvet", "llava_bench", "mm
 JUDGE_ITEMS_HELP = "per-benchmark cap on items (overrides evaluate.max_items; judged benchmarks are costly)"
 
 
-class ChairSettings(StrictModel):
+class BenchmarkSettings(StrictModel):
+    """One benchmark's section: ``source`` is ``world`` or the benchmark's public format, which
+    needs the files named in ``public_files`` (checked here, for every benchmark alike; the error
+    names each missing one with its field's description)."""
+
+    section: ClassVar[str]
+    public_files: ClassVar[tuple[str, ...]]
+
+    @model_validator(mode="after")
+    def _public_source_needs_files(self) -> "BenchmarkSettings":
+        missing = [name for name in self.public_files if not getattr(self, name)]
+        if self.source != "world" and missing:
+            wanted = [f"{self.section}.{name}" for name in self.public_files]
+            listed = ", ".join(wanted[:-1]) + " and " + wanted[-1] if len(wanted) > 1 else wanted[0]
+            fields = type(self).model_fields
+            explained = [f"{name}: {fields[name].description}" if fields[name].description else name for name in missing]
+            raise ValueError(f"{self.section}.source={self.source} needs {listed} (missing {'; '.join(explained)})")
+        return self
+
+
+class ChairSettings(BenchmarkSettings):
     """Object HalBench-style CHAIR on detailed descriptions (CHAIR_s = "Resp", CHAIR_i = "Obj")."""
+
+    section: ClassVar[str] = "chair"
+    public_files: ClassVar[tuple[str, ...]] = ("instances", "images")
 
     source: Literal["world", "coco"] = "world"
     extractor: Literal["rules", "judge"] = Field(
@@ -39,15 +62,12 @@ class ChairSettings(StrictModel):
     )
     max_tokens: Optional[int] = Field(None, ge=1, description="overrides evaluate.max_tokens")
 
-    @model_validator(mode="after")
-    def _coco_needs_files(self) -> "ChairSettings":
-        if self.source == "coco" and not (self.instances and self.images):
-            raise ValueError("chair.source=coco needs chair.instances and chair.images")
-        return self
 
-
-class PopeSettings(StrictModel):
+class PopeSettings(BenchmarkSettings):
     """POPE yes/no object probes, split random / popular / adversarial."""
+
+    section: ClassVar[str] = "pope"
+    public_files: ClassVar[tuple[str, ...]] = ("files", "images")
 
     source: Literal["world", "pope"] = "world"
     files: dict[str, str] = Field(
@@ -58,15 +78,12 @@ class PopeSettings(StrictModel):
     prompt_suffix: str = Field("", description="appended to each question, e.g. LLaVA-1.5's short-answer hint")
     max_tokens: int = Field(16, ge=1)
 
-    @model_validator(mode="after")
-    def _pope_needs_files(self) -> "PopeSettings":
-        if self.source == "pope" and not (self.files and self.images):
-            raise ValueError("pope.source=pope needs pope.files (split -> path) and pope.images")
-        return self
 
-
-class MMVetSettings(StrictModel):
+class MMVetSettings(BenchmarkSettings):
     """MM-Vet-style open answers graded 0-1 by the judge against the reference."""
+
+    section: ClassVar[str] = "mmvet"
+    public_files: ClassVar[tuple[str, ...]] = ("data", "images")
 
     source: Literal["world", "mmvet"] = "world"
     data: Optional[str] = Field(None, description="mm-vet.json ({id: {imagename, question, answer, capability}})")
@@ -78,15 +95,12 @@ class MMVetSettings(StrictModel):
     max_tokens: Optional[int] = Field(None, ge=1)
     max_items: Optional[int] = Field(None, ge=1, description=JUDGE_ITEMS_HELP)
 
-    @model_validator(mode="after")
-    def _mmvet_needs_files(self) -> "MMVetSettings":
-        if self.source == "mmvet" and not (self.data and self.images):
-            raise ValueError("mmvet.source=mmvet needs mmvet.data (mm-vet.json) and mmvet.images")
-        return self
 
-
-class LlavaBenchSettings(StrictModel):
+class LlavaBenchSettings(BenchmarkSettings):
     """LLaVA-Bench-style: the judge rates reference and candidate 1-10; relative score per category."""
+
+    section: ClassVar[str] = "llava_bench"
+    public_files: ClassVar[tuple[str, ...]] = ("questions", "answers", "context", "images")
 
     source: Literal["world", "llava_bench"] = "world"
     questions: Optional[str] = Field(None, description="questions.jsonl ({question_id, image, text, category})")
@@ -99,15 +113,12 @@ class LlavaBenchSettings(StrictModel):
     )
     max_items: Optional[int] = Field(None, ge=1, description=JUDGE_ITEMS_HELP)
 
-    @model_validator(mode="after")
-    def _llava_needs_files(self) -> "LlavaBenchSettings":
-        if self.source == "llava_bench" and not (self.questions and self.answers and self.context and self.images):
-            raise ValueError("llava_bench.source=llava_bench needs questions, answers, context and images")
-        return self
 
-
-class MMHalSettings(StrictModel):
+class MMHalSettings(BenchmarkSettings):
     """MMHal-Bench: the judge rates each answer 0-6 against image contents and a reference answer."""
+
+    section: ClassVar[str] = "mmhal"
+    public_files: ClassVar[tuple[str, ...]] = ("data",)
 
     source: Literal["world", "mmhal"] = "world"
     data: Optional[str] = Field(None, description="response_template.json (a list of MMHal-Bench records)")
@@ -118,15 +129,12 @@ class MMHalSettings(StrictModel):
     max_tokens: Optional[int] = Field(None, ge=1)
     max_items: Optional[int] = Field(None, ge=1, description=JUDGE_ITEMS_HELP)
 
-    @model_validator(mode="after")
-    def _mmhal_needs_files(self) -> "MMHalSettings":
-        if self.source == "mmhal" and not self.data:
-            raise ValueError("mmhal.source=mmhal needs mmhal.data (response_template.json)")
-        return self
 
-
-class ObjHalSettings(StrictModel):
+class ObjHalSettings(BenchmarkSettings):
     """Object HalBench as RLHF-V / RLAIF-V score it (``bpo_ray.metrics.objhal``)."""
+
+    section: ClassVar[str] = "objhal"
+    public_files: ClassVar[tuple[str, ...]] = ("questions", "instances", "synonyms")
 
     source: Literal["world", "objhal"] = Field(
         "world", description="'world' = the bias world's test split written in Object HalBench's file formats "
@@ -144,15 +152,12 @@ class ObjHalSettings(StrictModel):
     max_tokens: Optional[int] = Field(1024, ge=1, description="RLAIF-V's muffin_vqa.py generates up to 1024 new tokens")
     max_items: Optional[int] = Field(None, ge=1, description="overrides evaluate.max_items (first N questions)")
 
-    @model_validator(mode="after")
-    def _objhal_needs_files(self) -> "ObjHalSettings":
-        if self.source == "objhal" and not (self.questions and self.instances and self.synonyms):
-            raise ValueError("objhal.source=objhal needs objhal.questions, instances and synonyms")
-        return self
 
-
-class AmberSettings(StrictModel):
+class AmberSettings(BenchmarkSettings):
     """AMBER (``bpo_ray.metrics.amber``): discriminative yes/no and generative descriptions."""
+
+    section: ClassVar[str] = "amber"
+    public_files: ClassVar[tuple[str, ...]] = ("annotations", "queries", "images")
 
     source: Literal["world", "amber"] = Field(
         "world", description="'world' = the bias world's test split written in AMBER's file formats "
@@ -174,12 +179,6 @@ class AmberSettings(StrictModel):
         "scored, so it differs only where such a word is not used as a noun)")
     max_tokens: Optional[int] = Field(None, ge=1)
     max_items: Optional[int] = Field(None, ge=1, description="overrides evaluate.max_items (first N queries)")
-
-    @model_validator(mode="after")
-    def _amber_needs_files(self) -> "AmberSettings":
-        if self.source == "amber" and not (self.annotations and self.queries and self.images):
-            raise ValueError("amber.source=amber needs amber.annotations, queries and images")
-        return self
 
 
 class EvaluateConfig(StrictModel):
