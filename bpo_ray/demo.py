@@ -216,10 +216,11 @@ def _resolved(settings: dict) -> dict:
     return demo_settings(settings["config"], settings["overrides"])["resolved"]
 
 
-def _evaluate_config(config: str, overrides: Sequence[str]) -> Any:
-    from bpo_ray.config import load_config
+def _resolved_evaluate(settings: dict) -> Any:
+    """The ``evaluate`` config that ``settings`` (``demo_settings``) resolved to."""
+    from bpo_ray.config.evaluate import EvaluateConfig
 
-    return load_config(config, overrides).evaluate
+    return EvaluateConfig.model_validate(settings["resolved"]["evaluate"])
 
 
 def _check_reuse(out: Path, settings: dict) -> None:
@@ -308,7 +309,7 @@ def run_demo(out: Path, config: str = DEMO_CONFIG, overrides: Sequence[str] = ()
                                              *_sets(extra)],
                   done=out / "train" / name / "manifest.json")
         adapters = {name: out / "train" / name / "adapter" for name in VARIANTS}
-        serve_and_evaluate(stage, out, shared, adapters, port, _evaluate_config(config, overrides) if reuse else None)
+        serve_and_evaluate(stage, out, shared, adapters, port, _resolved_evaluate(settings) if reuse else None)
     # "total" is what the whole run cost: the sum of its stages, whenever they ran.
     timings["total"] = round(sum(timings.values()), 1)
     summary = {"out": str(out), "report": str(out / "eval" / "report.md"), "timings_s": timings,

@@ -183,15 +183,20 @@ def stale_benchmarks(earlier: Optional[Mapping[str, Any]], ecfg: EvaluateConfig)
     (its own ``evaluate.<name>`` section, the shared settings, the judge model of a judged one)."""
     if not earlier:
         return list(ecfg.benchmarks)
-    before, now = earlier.get("config") or {}, ecfg.model_dump(mode="json")
     done = earlier.get("benchmarks") or {}
     judged = set(earlier.get("judged") or ())
 
     def same(name: str) -> bool:
         keys = [name, *SHARED_SETTINGS, *(["judge_model"] if name in judged else [])]
-        return name in done and not any(config_differences(before.get(k), now.get(k)) for k in keys)
+        return name in done and not changed_settings(earlier, ecfg, keys)
 
     return [name for name in ecfg.benchmarks if not same(name)]
+
+
+def changed_settings(earlier: Mapping[str, Any], ecfg: EvaluateConfig, keys: Sequence[str]) -> list[str]:
+    """Of ``keys`` (``evaluate`` settings), those an earlier ``metrics.json`` recorded otherwise."""
+    before, now = earlier.get("config") or {}, ecfg.model_dump(mode="json")
+    return [k for k in keys if config_differences(before.get(k), now.get(k))]
 
 
 def read_metrics(out: str, model_name: str) -> Optional[dict[str, Any]]:
@@ -225,12 +230,10 @@ def evaluate(
     ecfg = cfg.evaluate
     started = time.perf_counter()
     earlier = read_metrics(out, model_name) if add and out else None
-    if earlier:
-        now = ecfg.model_dump(mode="json")
-        differ = [k for k in SHARED_SETTINGS if config_differences((earlier.get("config") or {}).get(k), now.get(k))]
-        if differ:
-            raise EvaluateError(f"--add: the earlier results of {model_name} in {out} were made with other evaluate "
-                                f"settings ({', '.join(differ)}); evaluate every benchmark again instead")
+    differ = changed_settings(earlier, ecfg, SHARED_SETTINGS) if earlier else []
+    if differ:
+        raise EvaluateError(f"--add: the earlier results of {model_name} in {out} were made with other evaluate "
+                            f"settings ({', '.join(differ)}); evaluate every benchmark again instead")
     protocols = judge_protocols(cfg)
     if protocols and not judge_url:
         raise EvaluateError(f"benchmarks {sorted(protocols)} need a judge: pass --judge-url (the judge proxy's /judge/v1)")

@@ -33,6 +33,7 @@ import re
 from typing import Any
 
 from bpo_ray import storage
+from bpo_ray.evaluate.sources import absolute_uri, first_human_turn, load_world_split
 
 PUBLIC_DIR = "public"
 _DONE = "done.json"  # written last: a folder without it is (re)written
@@ -54,8 +55,6 @@ def _relative(image: str, root: str) -> str:
 
 def _caption_records(world_dir: str) -> tuple[Any, list[dict[str, Any]]]:
     """The test split and its caption records with objects, sorted by id, one per image."""
-    from bpo_ray.evaluate.sources import load_world_split
-
     split = load_world_split(world_dir, "test", require_sources={"caption"})
     seen: set[str] = set()
     records = []
@@ -67,8 +66,6 @@ def _caption_records(world_dir: str) -> tuple[Any, list[dict[str, Any]]]:
 
 
 def _question(record: dict[str, Any]) -> str:
-    from bpo_ray.evaluate.sources import first_human_turn
-
     return first_human_turn(record)[0]
 
 
@@ -100,13 +97,14 @@ def _done(folder: str) -> bool:
 def write_objhal_files(world_dir: str) -> dict[str, str]:
     """Object HalBench's files for the world (see module doc); ``{setting: uri}`` for
     ``evaluate.objhal`` (questions, instances, synonyms, wordnet, images)."""
-    split, records = _caption_records(world_dir)
-    folder = storage.join(split.root, PUBLIC_DIR, "objhal")
+    root = absolute_uri(world_dir)
+    folder = storage.join(root, PUBLIC_DIR, "objhal")
     paths = {"questions": storage.join(folder, "questions.jsonl"), "instances": storage.join(folder, "instances.json"),
              "synonyms": storage.join(folder, "synonyms.txt"), "wordnet": storage.join(folder, "wordnet"),
-             "images": split.root}
+             "images": root}
     if _done(folder):
         return paths
+    split, records = _caption_records(world_dir)
     kinds = split.objects
     category = {kind: n + 1 for n, kind in enumerate(kinds)}
     questions, images, annotations = [], [], []
@@ -145,13 +143,14 @@ def write_amber_files(world_dir: str) -> dict[str, str]:
     (annotations, queries, relation, wordnet, images)."""
     from bpo_ray.metrics.pope import pope_question
 
-    split, records = _caption_records(world_dir)
-    folder = storage.join(split.root, PUBLIC_DIR, "amber")
+    root = absolute_uri(world_dir)
+    folder = storage.join(root, PUBLIC_DIR, "amber")
     objhal = write_objhal_files(world_dir)  # the same world dictionary lemmatizes AMBER's nouns
     paths = {"annotations": storage.join(folder, "annotations.json"), "queries": storage.join(folder, "query_all.json"),
-             "relation": storage.join(folder, "relation.json"), "wordnet": objhal["wordnet"], "images": split.root}
+             "relation": storage.join(folder, "relation.json"), "wordnet": objhal["wordnet"], "images": root}
     if _done(folder):
         return paths
+    split, records = _caption_records(world_dir)
     kinds, partners = split.objects, split.prior_partners
     generative, discriminative, queries = [], [], []
     n_scenes = len(records)
