@@ -192,6 +192,11 @@ class IngestConfig(StrictModel):
     id_partitions: int = Field(2, ge=1, description="IdRegistry actors holding the record ids (~190 B each)")
     emit_tasks: int = Field(2, ge=1, description="emit tasks at once (each releases a chunk's items; the driver "
                             "buffers incomplete shards)")
+    object_store_mb: Optional[float] = Field(
+        128.0, gt=0, description="Ray Data's object-store budget for the generate dataset (blocks in flight "
+        "between emit and the driver; Ray's default is half the object store, which a fast emit fills with a "
+        "backlog that the driver's RSS follows, docs/scale.md). Raise it when blocks carry images for GPU pools "
+        "(at least a few blocks per actor); null: Ray's default")
 
 
 class GenerateConfig(StrictModel):

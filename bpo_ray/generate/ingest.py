@@ -49,6 +49,7 @@ from bpo_ray.generate.sources import (
 
 CHUNK_BYTES = 8 * 1024 * 1024
 ID_PARTITIONS = 2
+OBJECT_STORE_MB = 128.0  # Ray Data's object-store budget for the generate dataset (see SourceIndex.dataset)
 _BOUNDARY_STEP = 64 * 1024
 _POS_SHIFT = 32  # position of a record: chunk index << 32 | record index within the chunk
 
@@ -340,7 +341,8 @@ class SourceIndex:
         return tasks
 
     def dataset(self, shard_size: int, group_size: int, done: set[int] = frozenset(), num_cpus: float = 0.5,
-                runtime_env: Optional[dict] = None, emit_tasks: int = 2):
+                runtime_env: Optional[dict] = None, emit_tasks: int = 2,
+                object_store_mb: Optional[float] = OBJECT_STORE_MB):
         """The lazy Ray Data dataset of the run's item rows (``ITEM_COLUMNS`` + ``group``) not in ``done``,
         one block per generation group, as ``pipeline.group_blocks`` cuts them.
 
@@ -354,6 +356,16 @@ class SourceIndex:
         the driver buffers the results of every shard that is not complete yet, so fewer chunks in
         flight keep the driver's memory flat (one task explodes ~40k items/s, far above what the
         model stages consume).
+
+        ``object_store_mb`` caps Ray Data's object-store budget for this dataset and every stage built
+        on it (``execution_options.resource_limits.object_store_memory`` of the dataset's own
+        ``DataContext`` copy; the global context is untouched). Ray's default budget is half the
+        object store: emit and the streaming repartition outrun the stages after them, and the
+        backlog of group blocks grows with the source until the run's end (1,958 blocks at 1M
+        records). The driver maps every store page it reads a result block from, so its RSS grew
+        with that backlog (RssShmem 13 MiB at 100k records, 180 MiB at 1M; docs/scale.md). With a
+        budget the backlog, and so the driver's RSS, stays bounded whatever the source size.
+        ``None`` keeps Ray's default.
         """
         import ray
 
@@ -366,7 +378,10 @@ class SourceIndex:
         ds = ds.map_batches(emit_items, batch_size=1, num_cpus=num_cpus, compute=pool, fn_kwargs=dict(
             registries=self.registries, shard_size=shard_size, group_size=group_size,
             max_text_chars=self.max_text_chars), **extra)
-        return ds.repartition(target_num_rows_per_block=block_rows(shard_size, group_size))
+        ds = ds.repartition(target_num_rows_per_block=block_rows(shard_size, group_size))
+        if object_store_mb is not None:
+            limit_object_store(ds, object_store_mb)
+        return ds
 
     def close(self) -> None:
         """Release the id registries (after the dataset has been consumed)."""
@@ -375,6 +390,14 @@ class SourceIndex:
         for reg in self.registries:
             ray.kill(reg)
         self.registries = []
+
+
+def limit_object_store(ds, mb: float) -> None:
+    """Cap the object-store memory Ray Data may fill with ``ds``'s blocks (and those of datasets built
+    on it, which share its ``DataContext``) at ``mb`` MiB, or the tighter limit already set there."""
+    options = ds.context.execution_options
+    limits = options.resource_limits
+    options.resource_limits = limits.copy(object_store_memory=min(limits.object_store_memory, mb * 2**20))
 
 
 def block_rows(shard_size: int, group_size: int) -> int:
@@ -432,5 +455,5 @@ def scan_source(source: str, images_root: Optional[str] = None, max_text_chars: 
                        max_text_chars=max_text_chars, registries=registries)
 
 
-__all__ = ["CHUNK_BYTES", "Chunk", "block_rows", "IdRegistry", "ITEM_COLUMNS", "SourceIndex", "emit_items",
-           "plan_chunks", "read_chunk", "scan_chunks", "scan_source"]
+__all__ = ["CHUNK_BYTES", "Chunk", "block_rows", "IdRegistry", "ITEM_COLUMNS", "OBJECT_STORE_MB", "SourceIndex",
+           "emit_items", "limit_object_store", "plan_chunks", "read_chunk", "scan_chunks", "scan_source"]

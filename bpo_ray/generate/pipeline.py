@@ -236,7 +236,7 @@ def run_generate(cfg: BPOConfig, source: str, out: str, images: Optional[str] = 
         t_read = time.perf_counter() - t0
         if expected:
             items = index.dataset(gen.shard_size, generation_group_size(cfg), done, gen.io_num_cpus, runtime_env,
-                                  emit_tasks=gen.ingest.emit_tasks)
+                                  emit_tasks=gen.ingest.emit_tasks, object_store_mb=gen.ingest.object_store_mb)
             _consume(generation_stages(items, cfg, synonyms), store, expected, gen.progress)
     finally:
         index.close()
