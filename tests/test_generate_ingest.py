@@ -125,6 +125,42 @@ def test_resume_emits_exactly_the_shards_not_done(ray_cluster, world_source):
         index.close()
 
 
+def test_dataset_bounds_ray_datas_object_store_budget(ray_cluster, world_source):
+    """The generate dataset caps Ray Data's object-store budget (the backlog of blocks the driver's
+    RSS followed, docs/scale.md) on its own DataContext, shared by the stages built on it; a budget
+    below one block still streams every item."""
+    import math
+
+    from ray.data import DataContext
+
+    from bpo_ray.generate.ingest import OBJECT_STORE_MB, limit_object_store
+
+    def budget(ds) -> float:
+        ctx = ds if isinstance(ds, DataContext) else ds.context
+        return ctx.execution_options.resource_limits.object_store_memory
+
+    before = budget(DataContext.get_current())
+    index = scan_source(str(world_source), str(world_source), chunk_bytes=1500)
+    try:
+        ds = index.dataset(SHARD, GROUP)
+        assert budget(ds) == OBJECT_STORE_MB * 2**20
+        assert budget(ds.map_batches(lambda b: b)) == OBJECT_STORE_MB * 2**20  # later stages share it
+        assert budget(DataContext.get_current()) == before  # the global context is untouched
+        assert math.isinf(budget(index.dataset(SHARD, GROUP, object_store_mb=None)))
+        limit_object_store(ds, 1e6)  # a looser cap keeps the tighter limit already there
+        assert budget(ds) == OBJECT_STORE_MB * 2**20
+        # a budget below one block (Ray Data then runs one task per operator at a time) still
+        # streams exactly the items read_source gives
+        tiny = index.dataset(SHARD, GROUP, object_store_mb=0.001)
+        assert budget(tiny) == round(0.001 * 2**20)  # Ray keeps whole bytes
+        got = sorted(({k: (int(r[k]) if k in ("order", "shard", "turn") else r[k]) for k in ITEM_COLUMNS}
+                      for r in tiny.take_all()), key=lambda it: it["order"])
+        ref = reference_items(str(world_source), str(world_source))
+        assert got == [{k: it[k] for k in ITEM_COLUMNS} for it in ref]
+    finally:
+        index.close()
+
+
 def test_plan_fingerprint_follows_the_bytes_not_the_chunking_run(ray_cluster, world_source, tmp_path):
     src = tmp_path / "src"
     shutil.copytree(world_source, src)
@@ -189,6 +225,9 @@ def test_ingest_config_is_validated_and_kept_out_of_the_plan():
         load_config("tiny", ["generate.ingest.chunk_mb=0"])
     with pytest.raises(Exception, match="id_partitions"):
         load_config("tiny", ["generate.ingest.id_partitions=0"])
+    with pytest.raises(Exception, match="object_store_mb"):
+        load_config("tiny", ["generate.ingest.object_store_mb=0"])
+    assert load_config("tiny", ["generate.ingest.object_store_mb=null"]).generate.ingest.object_store_mb is None
     index = SourceIndex(source="s.jsonl", files=["s.jsonl"], chunks=[], chunk_items=[], chunk_lines=[],
                         chunk_sha256=[], n_source_items=0, keep=None, n_items=0, chunk_bytes=1 << 23,
                         max_text_chars=20000)
