@@ -204,6 +204,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[list]:
                 dataset.load(rows)
             loaded_epoch = epoch
 
+    load_share()
     step_samples = global_micro * train.grad_accum
     total = total_samples(len(dataset), train.epochs)
     if total < step_samples:
@@ -230,7 +231,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[list]:
     if log:
         log.write({"event": "start", "time": time.time(), "world_size": world, "resumed_from_step": resumed_from,
                    "resumed_from": resume_source,
-                   "steps_total": steps_total, "pairs": len(dataset), "reference": "precomputed"
+                   "steps_total": steps_total, "pairs": len(dataset), "share_rows": len(dataset.loaded),
+                   "share_row_groups": dataset.row_groups_read, "reference": "precomputed"
                    if config["use_reference_columns"] else "adapter_disabled",
                    "deepspeed_import_s": round(deepspeed_import_s, 3), "deepspeed_init_s": round(deepspeed_init_s, 3),
                    "model_load_s": round(model_load_s, 3), "worker_start_s": round(time.perf_counter() - started, 3),
@@ -296,7 +298,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[list]:
                 print(f"[bpo-ray train] {warning}", file=sys.stderr, flush=True)
         return stop
 
-    load_share()
     timeline.add("setup", loop_started, cpu_s=time.process_time() - loop_cpu)
     while state.step < steps_total:
         _maybe_fail(state.step + 1, rank, world, out_uri)
