@@ -188,7 +188,8 @@ def test_zero3_worker_killed_resumes_from_checkpoint(zero3_run, zero2_run):
 def test_outputs_layout_plot_and_merged_model(zero3_run, tiny_models):
     out = zero3_run["out"]
     for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "metrics.jsonl",
-                 "manifest.json", "checkpoints/checkpoint_manager_snapshot.json", "merged/config.json"):
+                 "manifest.json", "checkpoints/checkpoint_manager_snapshot.json", "merged/config.json",
+                 "train_data/train.parquet"):
         assert os.path.exists(os.path.join(out, name)), name
     with open(os.path.join(out, "logps.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
