@@ -8,7 +8,11 @@ Every measurement runs in a fresh Python process, so its peak RSS is its own:
 - ``whole``: the baseline, what every worker did before: read the whole pairs table, sort it
   canonically, take the kept rows and hold every column the loop uses as Python lists;
 - ``share W``: what a worker does now with W workers: ``PairShare.load`` of its rows of one epoch
-  (``epoch_share``) from the training copy.
+  (``epoch_share``) from the training copy;
+- ``reference driver``, before and now: the reference pass's driver-side checks, once
+  ``read_pairs`` + ``check_images_exist`` over the whole table (the driver then held every pair
+  while the scorers ran), now ``pair_files`` (footers) + ``check_pair_columns`` (image, id and
+  strategy columns, file by file).
 
 It prints per-worker peak RSS above the interpreter's baseline (the same imports, no data), the
 wall time, and the ratios against ``whole``. No model is involved (``select_pairs``' prompt
@@ -55,12 +59,18 @@ def write_source(n: int, work: str) -> str:
     out = os.path.join(work, f"pairs-{n}")
     if os.path.exists(os.path.join(out, "done")):
         return out
+    image = os.path.join(work, "bench.png")
+    if not os.path.exists(image):
+        from PIL import Image
+
+        os.makedirs(work, exist_ok=True)
+        Image.new("RGB", (32, 32), (200, 40, 40)).save(image)
     os.makedirs(os.path.join(out, "pairs"), exist_ok=True)
     per_file = -(-n // 4)
     for f in range(4):
         rows = [{
             "id": f"pair-{i:08d}", "source": "bench", "source_id": f"rec-{(i * 7919) % n:08d}",
-            "image": "/nonexistent/bench.png", "image_sha256": "", "prompt": "Describe the image. " + _text(i, 8),
+            "image": image, "image_sha256": "", "prompt": "Describe the image. " + _text(i, 8),
             "chosen": _text(i, 60), "rejected": _text(i + 1, 60), "strategy": "error_injection", "noise_step": None,
             "generator": "bench", "sampling": "{}", "seed": 0, "ref_chosen_logp": -float(i % 97),
             "ref_rejected_logp": -float(i % 89) - 1,
@@ -103,6 +113,25 @@ def run_share(out: str, world: int) -> dict:
     return {"rows": len(share.loaded), "wall_s": time.perf_counter() - t0, "row_groups_read": share.row_groups_read}
 
 
+def run_reference_driver_before(pairs: str, _out: str) -> dict:
+    from bpo_ray.train.data import check_images_exist, read_pairs
+
+    t0 = time.perf_counter()
+    table = read_pairs(pairs, canonical=False)
+    check_images_exist(table)
+    return {"rows": table.num_rows, "wall_s": time.perf_counter() - t0}
+
+
+def run_reference_driver_now(pairs: str, _out: str) -> dict:
+    from bpo_ray.train.data import pairs_location
+    from bpo_ray.train.reference import check_pair_columns, pair_files
+
+    t0 = time.perf_counter()
+    files = pair_files(pairs_location(pairs))
+    check_pair_columns(files)
+    return {"rows": 0, "wall_s": time.perf_counter() - t0}
+
+
 def child(args: argparse.Namespace) -> None:
     import pyarrow  # noqa: F401  (the baseline holds the same imports)
 
@@ -115,6 +144,10 @@ def child(args: argparse.Namespace) -> None:
         result = run_driver(args.pairs, args.out)
     elif args.child == "whole":
         result = run_whole(args.pairs, args.out)
+    elif args.child == "ref_before":
+        result = run_reference_driver_before(args.pairs, args.out)
+    elif args.child == "ref_now":
+        result = run_reference_driver_now(args.pairs, args.out)
     else:
         result = run_share(args.out, int(args.child.split(":")[1]))
     print(json.dumps({**result, "peak_mb": peak_mb(), "import_peak_mb": base}))
@@ -146,8 +179,12 @@ def main() -> None:
         results = {"driver": measure("driver", pairs, out), "whole": measure("whole", pairs, out)}
         for w in (int(x) for x in args.workers.split(",")):
             results[f"share:{w}"] = measure(f"share:{w}", pairs, out)
+        results["ref_before"] = measure("ref_before", pairs, out)
+        results["ref_now"] = measure("ref_now", pairs, out)
         whole = results["whole"]
         for name, r in results.items():
+            if name == "ref_now":  # against the reference driver before
+                whole = results["ref_before"]
             held = r["peak_mb"] - base
             rows.append((n, name, r["rows"], r["wall_s"], held, held / (whole["peak_mb"] - base),
                          r["wall_s"] / whole["wall_s"]))
@@ -155,7 +192,9 @@ def main() -> None:
     print("| pairs | process | rows held | wall s | peak RSS above imports, MB | RSS / whole | wall / whole |")
     print("|---|---|---|---|---|---|---|")
     for n, name, held_rows, wall, mb, r_mb, r_wall in rows:
-        label = {"driver": "driver (read + write copy)", "whole": "worker before: whole table"}.get(
+        label = {"driver": "driver (read + write copy)", "whole": "worker before: whole table",
+                 "ref_before": "reference driver before: whole table",
+                 "ref_now": "reference driver now: footers + 3 columns (ratios vs the line above)"}.get(
             name, f"worker now, {name.split(':')[-1]} workers: its share")
         print(f"| {n:,} | {label} | {held_rows:,} | {wall:.2f} | {mb:.0f} | x{r_mb:.2f} | x{r_wall:.2f} |")
 
