@@ -248,7 +248,7 @@ def run_reference(cfg: BPOConfig, pairs_uri: str, out_uri: str, timeline: Option
     import ray
 
     from bpo_ray.models.ensure import ensure_models
-    from bpo_ray.raycluster import init_ray, worker_runtime_env
+    from bpo_ray.raycluster import check_cluster_can_write, init_ray, worker_runtime_env
 
     timeline = timeline if timeline is not None else Timeline()
     started = time.perf_counter()
@@ -266,6 +266,8 @@ def run_reference(cfg: BPOConfig, pairs_uri: str, out_uri: str, timeline: Option
         cfg = cfg.model_copy(update={"models": ensure_models(cfg.models, ["mllm"], cfg.name, "reference")})
     with timeline.phase("ray_init"):
         init_ray(cfg.ray)
+    with timeline.phase("storage_check"):  # the scorers write the output, with the nodes' credentials
+        check_cluster_can_write(out_uri, worker_runtime_env(cfg.numerics))
     ref = cfg.reference
     block_rows = ref.batch_size * 4
     with timeline.phase("plan"):
