@@ -113,6 +113,9 @@ def test_zero2_dpo_learns_and_resumes_when_submitted_again(zero2_run):
     assert [r["step"] for r in attempts[0][1:]] == [1, 2, 3]
     assert [r["step"] for r in attempts[1][1:]] == [4, 5, 6]  # continues, not from zero
     assert attempts[1][1]["samples_seen"] == 4 * 8  # data position restored: step 4 ends at 4 x 8 pairs
+    # each worker loads only its rows of the epoch: 32 pairs, 2 workers x 4 a step -> rank 0 holds
+    # 16; resumed at 24 of 32, it holds the 4 rows of the epoch's last step (then loads epoch 1's)
+    assert (attempts[0][0]["pairs"], attempts[0][0]["share_rows"], attempts[1][0]["share_rows"]) == (32, 16, 4)
     records = read_metrics(os.path.join(zero2_run["out"], "metrics.jsonl"))
     assert all(r["ref_forwards"] == 0 for r in records)  # the reference forward never ran
     assert all(r["world_size"] == 2 for r in records)
@@ -185,7 +188,8 @@ def test_zero3_worker_killed_resumes_from_checkpoint(zero3_run, zero2_run):
 def test_outputs_layout_plot_and_merged_model(zero3_run, tiny_models):
     out = zero3_run["out"]
     for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "metrics.jsonl",
-                 "manifest.json", "checkpoints/checkpoint_manager_snapshot.json", "merged/config.json"):
+                 "manifest.json", "checkpoints/checkpoint_manager_snapshot.json", "merged/config.json",
+                 "train_data/train.parquet"):
         assert os.path.exists(os.path.join(out, name)), name
     with open(os.path.join(out, "logps.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -230,6 +234,8 @@ def test_sft_mode_trains_and_resumes_on_another_worker_count(sft_run):
     attempts = _records_by_attempt(sft_run["out"])
     assert [a[0]["world_size"] for a in attempts] == [2, 1]
     assert attempts[1][0]["resumed_from_step"] == 2
+    # the share follows the resize: 16 of 32 rows for rank 0 of 2, then the 16 left for the one worker
+    assert [a[0]["share_rows"] for a in attempts] == [16, 16]
     assert [r["step"] for r in attempts[0][1:]] == [1, 2]
     # 32 pairs, one epoch: 2 steps x 8 on two workers, then 4 steps x 4 on one
     assert [(r["step"], r["samples_seen"]) for r in attempts[1][1:]] == [(3, 20), (4, 24), (5, 28), (6, 32)]

@@ -9,12 +9,13 @@ import subprocess
 import sys
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from bpo_ray.schemas import PAIR_SCHEMA, read_parquet
 from bpo_ray.train.data import PairsError
 from bpo_ray.train.ray_settings import POLL_INTERVAL_ENV, controller_settings
-from bpo_ray.train.reference import scorer_blocks, write_scored
+from bpo_ray.train.reference import blocks_per_unit, check_pair_columns, pair_files, plan_units, read_unit
 from bpo_ray.train.timeline import Timeline, phase_seconds
 from train_pairs import build_pairs_rows, write_pairs
 
@@ -85,25 +86,52 @@ def pairs_table(tmp_path_factory) -> pa.Table:
     return read_parquet(os.path.join(write_pairs(rows, str(root / "gen")), "pairs"), PAIR_SCHEMA)
 
 
-def test_scorer_blocks_are_one_batch_each_in_row_order(pairs_table):
-    blocks = scorer_blocks(pairs_table, 4)
-    assert [b.num_rows for b in blocks] == [4, 4, 2]
-    assert pa.concat_tables(blocks).column("id").to_pylist() == pairs_table.column("id").to_pylist()
+@pytest.fixture(scope="module")
+def pair_dir(pairs_table, tmp_path_factory) -> str:
+    """The 10 pairs in three files: 3, 0 and 7 rows (row groups of 2)."""
+    out = tmp_path_factory.mktemp("pair_files")
+    for name, (start, n) in {"part-0": (0, 3), "part-1": (3, 0), "part-2": (3, 7)}.items():
+        pq.write_table(pairs_table.slice(start, n), os.path.join(out, f"{name}.parquet"), row_group_size=2)
+    return str(out)
 
 
-def test_scored_pairs_are_written_in_the_input_order_replacing_the_old_output(pairs_table, tmp_path):
-    out = str(tmp_path / "ref" / "pairs")
-    os.makedirs(out)
-    with open(os.path.join(out, "stale-0.parquet"), "wb") as f:
-        f.write(b"left over by an earlier run")
-    scored = pairs_table.drop_columns(["ref_chosen_logp", "ref_rejected_logp"])
-    scored = scored.append_column("ref_chosen_logp", pa.array([-float(i) for i in range(scored.num_rows)]))
-    scored = scored.append_column("ref_rejected_logp", pa.array([None] * scored.num_rows, pa.float64()))
-    shuffled = scored.take(list(reversed(range(scored.num_rows))))  # actors may hand blocks back in any order
-    written = write_scored(shuffled, pairs_table, out)
-    assert os.listdir(out) == ["pairs.parquet"]
-    again = read_parquet(out, PAIR_SCHEMA)
-    assert again.column("id").to_pylist() == pairs_table.column("id").to_pylist() == written.column("id").to_pylist()
-    assert again.column("ref_chosen_logp").to_pylist() == [-float(i) for i in range(scored.num_rows)]
-    with pytest.raises(PairsError, match="scored 9 pairs for 10 read"):
-        write_scored(shuffled.slice(0, 9), pairs_table, out)
+def test_units_cut_blocks_where_the_whole_table_would_be_cut(pair_dir, pairs_table):
+    files = pair_files(pair_dir)
+    assert [n for _, n in files] == [3, 0, 7]
+    for block_rows, per_unit in ((4, 1), (4, 2), (3, 5), (1, 3)):
+        units = plan_units(files, block_rows, per_unit)
+        tables = [read_unit(u) for u in units]
+        assert all(t.num_rows == block_rows * per_unit for t in tables[:-1])  # blocks never straddle units
+        assert pa.concat_tables(tables).column("id").to_pylist() == pairs_table.column("id").to_pylist()
+    assert blocks_per_unit(10_000, 32, 1) == 64 and blocks_per_unit(100, 32, 2) == 1 and blocks_per_unit(2188, 4, 1) == 64
+
+
+def test_pair_files_are_checked_from_footers_and_columns(pair_dir, pairs_table, tmp_path):
+    with pytest.raises(PairsError, match="path does not exist"):
+        pair_files(str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    pq.write_table(pairs_table.slice(0, 0), tmp_path / "empty" / "p.parquet")
+    with pytest.raises(PairsError, match="hold 0 rows"):
+        pair_files(str(tmp_path / "empty"))
+    (tmp_path / "nulls").mkdir()
+    nulls = pairs_table.set_column(pairs_table.schema.get_field_index("chosen"), pa.field("chosen", pa.string()),
+                                   pa.array([None] + pairs_table.column("chosen").to_pylist()[1:]))
+    pq.write_table(nulls, tmp_path / "nulls" / "p.parquet")
+    with pytest.raises(PairsError, match="column 'chosen' has 1 nulls"):
+        pair_files(str(tmp_path / "nulls"))
+    (tmp_path / "cols").mkdir()
+    pq.write_table(pairs_table.drop_columns(["rejected"]), tmp_path / "cols" / "p.parquet")
+    with pytest.raises(PairsError, match=r"missing columns \['rejected'\]"):
+        pair_files(str(tmp_path / "cols"))
+    for column, value, needle in (("strategy", "made_up", "unknown strategy values"),
+                                  ("image", "/nonexistent/x.png", "name 1 images that do not exist")):
+        (tmp_path / column).mkdir()
+        i = pairs_table.schema.get_field_index(column)
+        bad = pairs_table.set_column(i, pairs_table.schema.field(i),
+                                     pa.array([value] + pairs_table.column(column).to_pylist()[1:]))
+        pq.write_table(bad, tmp_path / column / "p.parquet")
+        with pytest.raises(PairsError, match=needle):
+            check_pair_columns(pair_files(str(tmp_path / column)))
+    check_pair_columns(pair_files(pair_dir))  # the good files pass
+
+

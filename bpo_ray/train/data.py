@@ -2,10 +2,14 @@
 
 The driver validates once before any worker starts: the pairs must match ``PAIR_SCHEMA``, be
 non-empty, and every image they name must exist. Pairs whose prompt alone exceeds
-``max_length`` are dropped and listed (never silently). Workers then read the same Parquet
-files and take their slice of a seeded per-epoch order, so a run resumed from a checkpoint, on
-any number of workers, continues at the exact position it stopped. With ``train.validation`` on,
-some kept pairs are held out of training by a hash of their id (``held_out_rows``).
+``max_length`` are dropped and listed (never silently). With ``train.validation`` on, some kept
+pairs are held out of training by a hash of their id (``held_out_rows``).
+
+The driver's read is the only full read: it writes the kept rows, in canonical order, as the
+run's training copy (``write_training_data``). Each worker reads from that copy only its share
+of the epoch, the rows it takes of a seeded per-epoch order (``epoch_share``, ``PairShare``),
+so a run resumed from a checkpoint, on any number of workers, continues at the exact position it
+stopped, and a worker's memory holds ``1/workers`` of the pairs, not all of them.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image
 
 from bpo_ray import storage
@@ -133,18 +138,29 @@ def prepare_pairs(
     noise_steps: Optional[Sequence[int]] = None, validation: Optional[ValidationConfig] = None,
     timeline: Optional[Timeline] = None,
 ) -> PreparedPairs:
-    """Validate the pairs at ``uri`` for training; see the module docstring for the checks.
+    """Read the pairs at ``uri`` (``read_pairs``) and ``select_pairs`` them for training."""
+    timeline = timeline or Timeline()
+    with timeline.phase("driver.read_pairs"):
+        table = read_pairs(uri)
+    return select_pairs(table, uri, processor, max_length, check_images, strategies, noise_steps, validation, timeline)
+
+
+def select_pairs(
+    table: pa.Table, uri: str, processor, max_length: int, check_images: bool = True,
+    strategies: Optional[Sequence[str]] = None, noise_steps: Optional[Sequence[int]] = None,
+    validation: Optional[ValidationConfig] = None, timeline: Optional[Timeline] = None,
+) -> PreparedPairs:
+    """Validate ``table`` (the pairs at ``uri``, in ``canonical_order``) for training; see the
+    module docstring for the checks.
 
     ``strategies`` keeps only pairs whose negative came from those strategies (the paper's
     single-strategy ablations, Table 5); the others are listed as ``strategy_not_selected``.
     ``noise_steps`` keeps only the image-weakened pairs of those diffusion steps (the others are
     listed as ``noise_step_not_selected``); pairs of other strategies are not affected.
     ``validation`` (when enabled) moves some kept pairs to ``held_out`` (see ``held_out_rows``).
-    ``timeline`` (optional) gets the read, image check and token count phases.
+    ``timeline`` (optional) gets the image check and token count phases.
     """
     timeline = timeline or Timeline()
-    with timeline.phase("driver.read_pairs"):
-        table = read_pairs(uri)
     ids = table.column("id").to_pylist()
     dropped: dict[str, list[str]] = {}
     rows = list(range(table.num_rows))
@@ -206,38 +222,130 @@ def epoch_order(num_rows: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng(int.from_bytes(digest[:8], "little")).permutation(num_rows)
 
 
-class PairDataset:
-    """The kept pairs (or, with ``held_out``, the validation pairs), encoded on demand; images are read once and cached (pairs share them)."""
+#: The columns a worker reads; the training copy holds these alone.
+TRAIN_COLUMNS = ("id", "image", "image_sha256", "prompt", "chosen", "rejected", "ref_chosen_logp", "ref_rejected_logp")
+#: Rows per Parquet row group of the training copy: the unit a worker reads.
+TRAIN_ROW_GROUP = 256
+TRAIN_DATA_DIR = "train_data"
 
-    def __init__(self, prepared: PreparedPairs, processor, max_length: int, image_cache: int = 1024,
-                 held_out: bool = False):
-        table = read_pairs(prepared.uri).take(prepared.held_out if held_out else prepared.keep)
-        self.ids = table.column("id").to_pylist()
-        self.images = table.column("image").to_pylist()
-        self.image_sha256 = table.column("image_sha256").to_pylist()
-        self.prompts = table.column("prompt").to_pylist()
-        self.chosen = table.column("chosen").to_pylist()
-        self.rejected = table.column("rejected").to_pylist()
-        self.ref_chosen = table.column("ref_chosen_logp").to_pylist()
-        self.ref_rejected = table.column("ref_rejected_logp").to_pylist()
+
+@dataclass
+class TrainData:
+    """What the driver hands the workers: where the training copy lies and how many rows it has
+    (a few numbers, whatever the number of pairs)."""
+
+    train_uri: str
+    train_rows: int
+    held_out_uri: Optional[str] = None
+    held_out_rows: int = 0
+
+
+def write_training_data(table: pa.Table, prepared: PreparedPairs, out_uri: str) -> TrainData:
+    """Write the kept pairs (``OUT/train_data/train.parquet``) and the held-out ones
+    (``held_out.parquet``), in the order ``prepared`` lists them (canonical order), with only
+    ``TRAIN_COLUMNS``, in row groups of ``TRAIN_ROW_GROUP`` rows.
+
+    The driver has read and checked every pair; workers read this copy instead of the pairs, so
+    none of them reads, sorts or filters the whole pairs table again, and each keeps only the rows
+    of its share (``PairShare``). Row ``j`` of ``train.parquet`` is ``prepared.keep[j]``: the
+    seeded order (``epoch_order``) indexes it exactly as it indexed the kept rows before.
+    """
+    base = storage.join(out_uri, TRAIN_DATA_DIR)
+
+    def write(rows: list[int], name: str) -> str:
+        uri = storage.join(base, name)
+        fs, path = storage.filesystem(uri)
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        pq.write_table(table.take(rows).select(list(TRAIN_COLUMNS)), path, filesystem=fs,
+                       row_group_size=TRAIN_ROW_GROUP)
+        return uri
+
+    held = write(prepared.held_out, "held_out.parquet") if prepared.held_out else None
+    return TrainData(write(prepared.keep, "train.parquet"), len(prepared.keep), held, len(prepared.held_out))
+
+
+def parquet_rows(uri: str) -> int:
+    """Rows in one Parquet file, from its footer."""
+    fs, path = storage.filesystem(uri)
+    with fs.open_input_file(path) as f:
+        return pq.ParquetFile(f).metadata.num_rows
+
+
+class PairShare:
+    """One worker's share of a training copy (``write_training_data``): ``load`` reads the rows it
+    names, row group by row group, and keeps those alone; ``encode`` turns a loaded row into model
+    inputs. Rows keep their index in the file, so the seeded order addresses them unchanged.
+
+    Images are read once and cached (pairs share them)."""
+
+    READ_GROUPS = 16  # row groups per read call
+    def __init__(self, uri: str, num_rows: int, processor, max_length: int, image_cache: int = 1024):
+        self.uri, self.num_rows = uri, num_rows
         self.processor = processor
         self.max_length = max_length
+        self._slot: dict[int, int] = {}
+        self._cols: dict[str, list] = {c: [] for c in TRAIN_COLUMNS}
         self._cache: OrderedDict[str, Image.Image] = OrderedDict()
         self._cache_size = image_cache
+        self.row_groups_read = 0
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return self.num_rows
+
+    @property
+    def loaded(self) -> list[int]:
+        """The rows held now, in file order."""
+        return sorted(self._slot)
+
+    def load(self, rows: Sequence[int]) -> None:
+        """Hold exactly ``rows`` (dropping the rows held before): only the row groups that
+        contain one of them are read."""
+        wanted = np.unique(np.asarray(rows, dtype=np.int64))
+        if len(wanted) and (wanted[0] < 0 or wanted[-1] >= self.num_rows):
+            raise PairsError(f"{self.uri}: rows {wanted[0]}..{wanted[-1]} asked of {self.num_rows}")
+        fs, path = storage.filesystem(self.uri)
+        slot: dict[int, int] = {}
+        cols: dict[str, list] = {c: [] for c in TRAIN_COLUMNS}
+        with fs.open_input_file(path) as f:
+            reader = pq.ParquetFile(f)
+            if reader.metadata.num_rows != self.num_rows:
+                raise PairsError(f"{self.uri} holds {reader.metadata.num_rows} rows, the run was planned "
+                                 f"with {self.num_rows}: it changed while training")
+            meta = reader.metadata
+            starts = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
+            of_row = np.searchsorted(starts, wanted, side="right") - 1  # each wanted row's group
+            groups = np.unique(of_row).tolist()
+            for at in range(0, len(groups), self.READ_GROUPS):  # a few row groups per read call
+                chunk = groups[at:at + self.READ_GROUPS]
+                part = reader.read_row_groups(chunk, columns=list(TRAIN_COLUMNS))
+                sizes = np.diff(starts)[chunk]
+                base = dict(zip(chunk, np.cumsum(np.concatenate([[0], sizes[:-1]])) - starts[chunk]))
+                mine = wanted[np.isin(of_row, chunk)]
+                part = part.take(pa.array([r + base[g] for r, g in zip(mine, of_row[np.isin(of_row, chunk)])]))
+                for c in TRAIN_COLUMNS:
+                    cols[c].extend(part.column(c).to_pylist())
+                for r in mine:
+                    slot[int(r)] = len(slot)
+                self.row_groups_read += len(chunk)
+        self._slot, self._cols = slot, cols
+
+    def _get(self, column: str, i: int):
+        try:
+            return self._cols[column][self._slot[i]]
+        except KeyError:  # a row outside the loaded share: the loop's bookkeeping is wrong
+            raise PairsError(f"row {i} of {self.uri} is not in this worker's loaded share") from None
 
     def image(self, i: int) -> Image.Image:
-        uri = self.images[i]
+        uri, pair_id = self._get("image", i), self._get("id", i)
         if uri not in self._cache:
             try:
                 img, sha = load_image(uri)
             except ImageError as exc:
-                raise PairsError(f"pair {self.ids[i]}: image {uri}: {exc}") from exc
-            if self.image_sha256[i] and sha != self.image_sha256[i]:
-                raise PairsError(f"pair {self.ids[i]}: image {uri} changed since the pair was made "
-                                 f"(sha256 {sha[:12]} != {self.image_sha256[i][:12]})")
+                raise PairsError(f"pair {pair_id}: image {uri}: {exc}") from exc
+            expected = self._get("image_sha256", i)
+            if expected and sha != expected:
+                raise PairsError(f"pair {pair_id}: image {uri} changed since the pair was made "
+                                 f"(sha256 {sha[:12]} != {expected[:12]})")
             self._cache[uri] = img
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
@@ -246,14 +354,14 @@ class PairDataset:
 
     def encode(self, i: int) -> EncodedPair:
         try:
-            return encode_pair(self.processor, self.image(i), self.prompts[i], self.chosen[i],
-                               self.rejected[i], self.max_length)
+            return encode_pair(self.processor, self.image(i), self._get("prompt", i), self._get("chosen", i),
+                               self._get("rejected", i), self.max_length)
         except PromptTooLong as exc:  # prepare_pairs dropped these; reaching here is a bug
-            raise PairsError(f"pair {self.ids[i]}: {exc}") from exc
+            raise PairsError(f"pair {self._get('id', i)}: {exc}") from exc
 
     def reference_logps(self, rows: Sequence[int]) -> Optional[tuple[list[float], list[float]]]:
-        chosen = [self.ref_chosen[i] for i in rows]
-        rejected = [self.ref_rejected[i] for i in rows]
+        chosen = [self._get("ref_chosen_logp", i) for i in rows]
+        rejected = [self._get("ref_rejected_logp", i) for i in rows]
         if any(v is None for v in chosen + rejected):
             return None
         return chosen, rejected
@@ -278,6 +386,19 @@ class DataPosition:
         self.offset += global_batch
         self.samples_seen += global_batch
         return rows
+
+
+def epoch_share(position: DataPosition, num_rows: int, global_batch: int, seed: int, rank: int,
+                micro: int) -> tuple[int, np.ndarray]:
+    """The epoch the next ``position.take`` falls in, and the rows ``rank`` takes from there to
+    that epoch's end (its ``micro`` rows of each global batch): what a worker loads."""
+    epoch, offset = position.epoch, position.offset
+    if offset + global_batch > num_rows:
+        epoch, offset = epoch + 1, 0
+    order = epoch_order(num_rows, seed, epoch)
+    parts = [order[s + rank * micro:s + (rank + 1) * micro]
+             for s in range(offset, num_rows - global_batch + 1, global_batch)]
+    return epoch, (np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64))
 
 
 def total_samples(num_rows: int, epochs: float) -> int:

@@ -28,7 +28,7 @@ from bpo_ray.config.shared import ModelsConfig
 from bpo_ray.config.train import TrainConfig
 from bpo_ray.train.checkpoint import DS_TAG, TrainState, load_adapter_weights, resume_point, save_adapter
 from bpo_ray.train.collectives import all_reduce_max, all_reduce_sum, broadcast
-from bpo_ray.train.data import PairDataset, PreparedPairs, total_samples
+from bpo_ray.train.data import PairShare, TrainData, epoch_share, total_samples
 from bpo_ray.train.logprobs import collate_pairs, forward_logps
 from bpo_ray.train.lora import apply_lora, reference_model
 from bpo_ray.train.losses import PreferenceLoss, dpo_with_sft, sft_loss
@@ -53,7 +53,7 @@ def _maybe_fail(step: int, rank: int, world: int, out_uri: str) -> None:
     os._exit(1)
 
 
-def _micro_step(engine, dataset: PairDataset, rows, train: TrainConfig, loss_fn, device, dtype,
+def _micro_step(engine, dataset: PairShare, rows, train: TrainConfig, loss_fn, device, dtype,
                 use_reference_columns: bool, counters: dict) -> tuple[torch.Tensor, dict]:
     pad_id = dataset.processor.tokenizer.pad_token_id
     encoded = [dataset.encode(int(i)) for i in rows]
@@ -95,7 +95,7 @@ def _micro_step(engine, dataset: PairDataset, rows, train: TrainConfig, loss_fn,
     }
 
 
-def _validate(engine, dataset: PairDataset, train: TrainConfig, loss_fn, device, dtype, use_reference_columns: bool,
+def _validate(engine, dataset: PairShare, train: TrainConfig, loss_fn, device, dtype, use_reference_columns: bool,
               rank: int, world: int) -> dict:
     """Held-out metrics (``val_*``, see ``validation.py``): each rank scores its share with the
     training step's code under ``no_grad`` (an SFT run scores the DPO quantities too), then the sums
@@ -132,7 +132,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[list]:
     started = time.perf_counter()
     train = TrainConfig.model_validate(config["train"])
     models = ModelsConfig.model_validate(config["models"])
-    prepared = PreparedPairs(**config["pairs"])
+    data = TrainData(**config["pairs"])
     out_uri: str = config["out"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -189,10 +189,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[list]:
         shutil.rmtree(restore_dir, ignore_errors=True)
     state.world_size = world
 
-    with timeline.phase("read_pairs"):
-        dataset = PairDataset(prepared, processor, train.max_length)
     micro = train.per_device_batch_size
     global_micro = micro * world
+    dataset = PairShare(data.train_uri, data.train_rows, processor, train.max_length)
+    loaded_epoch = None
+
+    def load_share() -> None:
+        """Hold this rank's rows of the epoch the next step takes from (at the start, on resume
+        and at each epoch's end): the seeded order decides them, so nothing else is read."""
+        nonlocal loaded_epoch
+        epoch, rows = epoch_share(state.position, len(dataset), global_micro, train.seed, rank, micro)
+        if epoch != loaded_epoch:
+            with timeline.phase("read_pairs"):
+                dataset.load(rows)
+            loaded_epoch = epoch
+
+    load_share()
     step_samples = global_micro * train.grad_accum
     total = total_samples(len(dataset), train.epochs)
     if total < step_samples:
@@ -206,7 +218,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[list]:
     loss_fn = PreferenceLoss(train.loss, train.beta, train.label_smoothing) if train.mode == "dpo" else None
     counters = {"ref_forwards": 0}
     val_cfg = train.validation
-    val_dataset = PairDataset(prepared, processor, train.max_length, held_out=True) if val_cfg.enabled else None
+    val_dataset = None
+    if val_cfg.enabled:
+        val_dataset = PairShare(data.held_out_uri, data.held_out_rows, processor, train.max_length)
+        mine = [i for rows in batches(len(val_dataset), world, rank, micro) for i in rows]
+        val_dataset.load(mine + [0])  # row 0: a rank whose share ran out runs a throwaway batch on it
     best = BestAdapter(val_cfg, out_uri) if val_cfg.enabled and val_cfg.keep_best else None
     if best is not None and resume is not None:  # an earlier attempt's best stays a candidate
         best.record = broadcast(best.load() if rank == 0 else None)
@@ -215,7 +231,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[list]:
     if log:
         log.write({"event": "start", "time": time.time(), "world_size": world, "resumed_from_step": resumed_from,
                    "resumed_from": resume_source,
-                   "steps_total": steps_total, "pairs": len(dataset), "reference": "precomputed"
+                   "steps_total": steps_total, "pairs": len(dataset), "share_rows": len(dataset.loaded),
+                   "share_row_groups": dataset.row_groups_read, "reference": "precomputed"
                    if config["use_reference_columns"] else "adapter_disabled",
                    "deepspeed_import_s": round(deepspeed_import_s, 3), "deepspeed_init_s": round(deepspeed_init_s, 3),
                    "model_load_s": round(model_load_s, 3), "worker_start_s": round(time.perf_counter() - started, 3),
@@ -291,6 +308,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[list]:
             group["lr"] = lr
         sums: dict[str, float] = {}
         for _ in range(train.grad_accum):
+            load_share()
             rows = state.position.take(len(dataset), global_micro, train.seed)[rank * micro:(rank + 1) * micro]
             loss, stats = _micro_step(engine, dataset, rows, train, loss_fn, device, dtype,
                                       config["use_reference_columns"], counters)

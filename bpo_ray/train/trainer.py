@@ -7,6 +7,8 @@ Output layout under ``out`` (local or ``s3://``)::
                       train.validation.keep_best, the best validated step's
     adapter_last/     the last step's adapter (only with train.validation.keep_best)
     validation/       best.json + best-step-<k>/adapter, held_out_pairs.json (train.validation on)
+    train_data/       train.parquet (+ held_out.parquet): the kept pairs in canonical order, the
+                      copy workers read their shares from (data.write_training_data)
     checkpoints/      Ray Train checkpoints (DeepSpeed state, adapter, state.json); resume point
     metrics.jsonl     one record per step (+ start events), written by rank 0
     logps.png         chosen/rejected log-probs over training (paper Figure 6)
@@ -33,7 +35,8 @@ from bpo_ray.config.shared import ModelsConfig, NumericsConfig
 from bpo_ray.config.train import LoraConfig, TrainConfig
 from bpo_ray.raycluster import worker_runtime_env
 from bpo_ray.schemas import Manifest, ManifestCounts, library_versions, read_manifest
-from bpo_ray.train.data import PairsError, PreparedPairs, pairs_location, prepare_pairs
+from bpo_ray.train.data import (PairsError, PreparedPairs, pairs_location, read_pairs, select_pairs,
+                                write_training_data)
 from bpo_ray.train.checkpoint import CHECKPOINTS_DIR
 from bpo_ray.train.loop import FAIL_AT_STEP_ENV, train_loop_per_worker
 from bpo_ray.train.lora import resolve_targets
@@ -145,8 +148,10 @@ def run_training(cfg: BPOConfig, pairs_uri: str, out_uri: str) -> TrainResult:
         check_lora_targets(model_path, train.lora)
     with timeline.phase("driver.processor"):
         processor = AutoProcessor.from_pretrained(model_path)
-    prepared = prepare_pairs(pairs_uri, processor, train.max_length, strategies=train.strategies,
-                             noise_steps=train.noise_steps, validation=train.validation, timeline=timeline)
+    with timeline.phase("driver.read_pairs"):
+        table = read_pairs(pairs_uri)
+    prepared = select_pairs(table, pairs_uri, processor, train.max_length, strategies=train.strategies,
+                            noise_steps=train.noise_steps, validation=train.validation, timeline=timeline)
     use_reference_columns = train.mode == "dpo" and train.use_precomputed_reference and prepared.reference
     if use_reference_columns:
         with timeline.phase("driver.reference_settings"):
@@ -159,10 +164,13 @@ def run_training(cfg: BPOConfig, pairs_uri: str, out_uri: str) -> TrainResult:
     with timeline.phase("driver.storage_check"):
         run_config = _run_config(train, out_uri, cfg.numerics)
         check_cluster_can_write(out_uri, run_config.worker_runtime_env)
+    with timeline.phase("driver.write_train_data"):
+        data = write_training_data(table, prepared, out_uri)
+    del table  # the workers read their shares of the copy; the driver keeps the counts and ids
     config = {
         "train": train.model_dump(mode="json"),
         "models": models.model_dump(mode="json"),
-        "pairs": asdict(prepared),
+        "pairs": asdict(data),
         "deepspeed": template,
         "out": out_uri,
         "use_reference_columns": use_reference_columns,
