@@ -532,3 +532,18 @@ def test_image_loading_fuses_into_cpu_actor_pools_only():
     assert image_loading_args(cfg, PoolConfig(num_cpus=0.5, max_restarts=3), None) == \
         {"num_cpus": cfg.generate.io_num_cpus}
     assert image_loading_args(cfg, None, None) == {"num_cpus": cfg.generate.io_num_cpus}
+
+
+def test_pair_building_batches_stay_within_a_shard():
+    from bpo_ray.config import load_config
+    from bpo_ray.generate.pipeline import outcome_batch_rows
+
+    def rows(shard: int, batch: int) -> int:
+        return outcome_batch_rows(load_config("tiny", ["generate.strategies=[image_weakened]",
+                                                       f"generate.shard_size={shard}",
+                                                       f"generate.sampler.pool.batch_size={batch}"]))
+
+    assert rows(4, 1) == 4      # a shard commits as soon as its rows are built
+    assert rows(16, 8) == 16
+    assert rows(1000, 8) == 64  # capped
+    assert rows(4, 8) == 8      # never below a generation group

@@ -139,10 +139,16 @@ def build_dataset(items: list[dict[str, Any]], cfg: BPOConfig, synonyms: Optiona
                                                               generation_group_size(cfg))), cfg, synonyms)
 
 
-# Rows per pair-building task: it is row-wise (no generation groups), and one Ray task per
-# 8-item group cost more (scheduling, a worker's first-call imports, Arrow conversion) than the
-# filters it ran.
+# Rows per pair-building task, at most: it is row-wise (no generation groups), and one Ray task
+# per 8-item group cost more (scheduling, a worker's first-call imports, Arrow conversion) than the
+# filters it ran. Never more than a shard (``outcome_batch_rows``), so a shard still commits at
+# most one shard's worth of rows after its last item is generated.
 OUTCOME_BATCH_ROWS = 64
+
+
+def outcome_batch_rows(cfg: BPOConfig) -> int:
+    """Rows per ``build_outcomes`` task: a shard, capped at ``OUTCOME_BATCH_ROWS``, at least a group."""
+    return max(generation_group_size(cfg), min(OUTCOME_BATCH_ROWS, cfg.generate.shard_size))
 
 
 def image_loading_args(cfg: BPOConfig, first_pool: Optional[PoolConfig], runtime_env: Optional[dict]) -> dict:
@@ -211,7 +217,7 @@ def generation_stages(ds, cfg: BPOConfig, synonyms: Optional[dict[str, str]] = N
                 inj.engine_kwargs, cache_dir=models.cache_dir, io_num_cpus=gen.io_num_cpus, runtime_env=runtime_env)
             ds = processor(ds)
     return ds.map_batches(build_outcomes, fn_kwargs=dict(strategies=strategies, filters=gen.filters.model_dump()),
-                          batch_size=max(io_batch, OUTCOME_BATCH_ROWS), num_cpus=gen.io_num_cpus)
+                          batch_size=outcome_batch_rows(cfg), num_cpus=gen.io_num_cpus)
 
 
 def _consume(ds, store: ShardStore, expected: dict[int, int], progress: bool) -> None:
