@@ -141,6 +141,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32, help="max new tokens per answer")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=1, help="rounds of (loop, pipeline x2); best round reported")
+    ap.add_argument("--noise-items", type=int, default=None,
+                    help="items of the in-process noisy/clean comparison (default: --items)")
+    ap.add_argument("--noise-repeats", type=int, default=3, help="alternating clean/noisy repeats (best kept)")
     ap.add_argument("--out", default=None, help="where to write the results JSON and run outputs")
     args = ap.parse_args()
 
@@ -186,8 +189,11 @@ def main() -> None:
               + f" (load average {os.getloadavg()[0]:.2f})", flush=True)
     for name, rs in runs.items():
         results[name] = dict(max(rs, key=lambda x: x["pairs_per_s"]), rounds=[x["pairs_per_s"] for x in rs])
-    results["noise_transformers"] = noisy_vs_clean(cfg, source, args.items, "transformers", args.batch)
-    results["noise_vllm"] = noisy_vs_clean(cfg, source, args.items, "vllm", args.batch)
+    noise_items = args.noise_items or args.items
+    results["noise_items"] = noise_items
+    results["noise_transformers"] = noisy_vs_clean(cfg, source, noise_items, "transformers", args.batch,
+                                                   args.noise_repeats)
+    results["noise_vllm"] = noisy_vs_clean(cfg, source, noise_items, "vllm", args.batch, args.noise_repeats)
 
     seq, hf, vl = results["sequential_loop"], results["pipeline_transformers"], results["pipeline_vllm"]
     rows = [("sequential loop (transformers)", seq), ("Ray Data pipeline, transformers", hf),
