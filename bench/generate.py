@@ -7,7 +7,12 @@
 3. the cost of noisy against clean sampling: the same batches generated from noised and from
    clean features, in process, on both backends.
 
-    .venv/bin/python bench/generate.py [--items 768] [--tokens 32] [--rounds 1] [--out runs/bench/generate]
+    .venv/bin/python bench/generate.py [--size tiny|larger] [--items 768] [--tokens 32] [--rounds 1] [--out runs/bench/generate]
+
+``--size`` picks the LM: ``tiny`` (the tiny config's 2 layers, 128 hidden) or ``larger`` (4 layers,
+512 hidden, 8 heads, 1408 intermediate: about 20x the LM FLOPs per token, where the model, not
+per-step overheads, starts to dominate and continuous batching matters); the vision tower is
+the same small CLIP in both.
 
 The default 768 items make the throughput, not the pipeline's fixed start (Ray Data plan, actor
 start, model load: 5-10 s), decide the pipeline-vs-loop ratio: at 96 items the same machine gives
@@ -35,6 +40,13 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+# LM sizes of ``--size`` (``bpo_ray.models.tiny.TinySpec`` fields; the vision tower stays tiny).
+SIZES = {
+    "tiny": {},
+    "larger": {"lm_hidden": 512, "lm_layers": 4, "lm_heads": 8, "lm_intermediate": 1408},
+}
 
 
 def sequential_loop(cfg, source: str, n_items: int) -> dict:
@@ -124,22 +136,27 @@ def noisy_vs_clean(cfg, source: str, n_items: int, backend: str, batch: int, rep
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=sorted(SIZES), default="tiny", help="LM size (module docstring)")
     ap.add_argument("--items", type=int, default=768)
     ap.add_argument("--tokens", type=int, default=32, help="max new tokens per answer")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=1, help="rounds of (loop, pipeline x2); best round reported")
+    ap.add_argument("--noise-items", type=int, default=None,
+                    help="items of the in-process noisy/clean comparison (default: --items)")
+    ap.add_argument("--noise-repeats", type=int, default=3, help="alternating clean/noisy repeats (best kept)")
     ap.add_argument("--out", default=None, help="where to write the results JSON and run outputs")
     args = ap.parse_args()
 
     import ray
 
     from bpo_ray.config import load_config
-    from bpo_ray.models.tiny import build_tiny_models
+    from bpo_ray.models.tiny import TinySpec, build_tiny_models
     from bpo_ray.world.build import build_world
 
     work = Path(args.out or tempfile.mkdtemp(prefix="bpo-bench-generate-"))
     work.mkdir(parents=True, exist_ok=True)
-    models = build_tiny_models(work / "models", seed=0)
+    spec = TinySpec(**SIZES[args.size])
+    models = build_tiny_models(work / f"models-{args.size}", seed=0, spec=spec)
     build_world(str(work / "world"), n_scenes=max(40, args.items // 2))
     source = str(work / "world" / "train.jsonl")
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
@@ -154,10 +171,13 @@ def main() -> None:
         ])
 
     cfg = config("transformers")
-    results = {"items": args.items, "max_new_tokens": args.tokens, "batch_size": args.batch,
-               "cpus": os.cpu_count()}
+    results = {"size": args.size, "lm": {k: getattr(spec, k) for k in ("lm_hidden", "lm_layers", "lm_heads",
+                                                                        "lm_intermediate")},
+               "items": args.items, "max_new_tokens": args.tokens, "batch_size": args.batch,
+               "cpus": os.cpu_count(), "loadavg_start": os.getloadavg()}
     print(f"generate bench: {args.items} items, {args.tokens} new tokens, batch {args.batch}, "
-          f"{os.cpu_count()} CPUs, tiny LLaVA (random init)", flush=True)
+          f"{os.cpu_count()} CPUs, {args.size} LLaVA (random init, LM {results['lm']}), "
+          f"load average {os.getloadavg()[0]:.2f}", flush=True)
     # Rounds alternate the three runs so a load spike on a shared machine hits them alike; each
     # row reports its best round.
     runs: dict[str, list[dict]] = {"sequential_loop": [], "pipeline_transformers": [], "pipeline_vllm": []}
@@ -165,12 +185,15 @@ def main() -> None:
         runs["sequential_loop"].append(sequential_loop(cfg, source, args.items))
         runs["pipeline_transformers"].append(pipeline(cfg, source, str(work / f"out-transformers-{r}")))
         runs["pipeline_vllm"].append(pipeline(config("vllm"), source, str(work / f"out-vllm-{r}")))
-        print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]['pairs_per_s']:.2f} pairs/s" for k, v in runs.items()),
-              flush=True)
+        print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]['pairs_per_s']:.2f} pairs/s" for k, v in runs.items())
+              + f" (load average {os.getloadavg()[0]:.2f})", flush=True)
     for name, rs in runs.items():
         results[name] = dict(max(rs, key=lambda x: x["pairs_per_s"]), rounds=[x["pairs_per_s"] for x in rs])
-    results["noise_transformers"] = noisy_vs_clean(cfg, source, args.items, "transformers", args.batch)
-    results["noise_vllm"] = noisy_vs_clean(cfg, source, args.items, "vllm", args.batch)
+    noise_items = args.noise_items or args.items
+    results["noise_items"] = noise_items
+    results["noise_transformers"] = noisy_vs_clean(cfg, source, noise_items, "transformers", args.batch,
+                                                   args.noise_repeats)
+    results["noise_vllm"] = noisy_vs_clean(cfg, source, noise_items, "vllm", args.batch, args.noise_repeats)
 
     seq, hf, vl = results["sequential_loop"], results["pipeline_transformers"], results["pipeline_vllm"]
     rows = [("sequential loop (transformers)", seq), ("Ray Data pipeline, transformers", hf),
@@ -190,11 +213,13 @@ def main() -> None:
         "noisy / clean time per token, vLLM": nv["noisy_over_clean"],
     }
     results["ratios"] = ratios
+    results["loadavg_end"] = os.getloadavg()
     print("\nratios:")
     for k, v in ratios.items():
         print(f"  {k:52s} {v:6.2f}x")
-    (work / "bench_generate.json").write_text(json.dumps(results, indent=2))
-    print(f"\nresults: {work / 'bench_generate.json'}")
+    print(f"\nload average (1, 5, 15 min): start {results['loadavg_start']}, end {results['loadavg_end']}")
+    (work / f"bench_generate_{args.size}.json").write_text(json.dumps(results, indent=2))
+    print(f"\nresults: {work / f'bench_generate_{args.size}.json'}")
     ray.shutdown()
 
 

@@ -503,3 +503,47 @@ def test_group_blocks_cut_each_shard_into_fixed_groups():
     # resuming a later shard alone cuts the same groups
     assert [b.column("item_id").to_pylist() for b in group_blocks(items[20:], 10, 4)] == \
         [b.column("item_id").to_pylist() for b in blocks[-2:]]
+
+
+def test_actor_pools_start_sized_for_the_work():
+    from bpo_ray.config.generate import PoolConfig
+    from bpo_ray.generate.pipeline import initial_pool_size
+
+    pool = PoolConfig(min_size=1, max_size=2, num_cpus=0.5, batch_size=8)
+    assert initial_pool_size(pool, None) == 1            # unknown work: min_size, Ray Data scales up
+    assert initial_pool_size(pool, 3) == 1               # a tiny run: one model load
+    assert initial_pool_size(pool, 96) == 2              # a real run: both actors from the start
+    assert initial_pool_size(PoolConfig(min_size=2, max_size=4), 1) == 2
+
+
+def test_image_loading_fuses_into_cpu_actor_pools_only():
+    """Equal remote arguments let Ray Data fuse load_images into the first image stage's actor
+    call (no task per group); before a GPU pool it stays a task stage of io_num_cpus."""
+    from bpo_ray.config import load_config
+    from bpo_ray.config.generate import PoolConfig
+    from bpo_ray.generate.pipeline import image_loading_args
+
+    cfg = load_config("tiny", [])
+    env = {"env_vars": {"X": "1"}}
+    cpu = PoolConfig(min_size=1, max_size=2, num_cpus=0.5, batch_size=8)
+    assert image_loading_args(cfg, cpu, env) == {"num_cpus": 0.5, "runtime_env": env}
+    gpu = PoolConfig(num_cpus=1, num_gpus=1)
+    assert image_loading_args(cfg, gpu, None) == {"num_cpus": cfg.generate.io_num_cpus}
+    assert image_loading_args(cfg, PoolConfig(num_cpus=0.5, max_restarts=3), None) == \
+        {"num_cpus": cfg.generate.io_num_cpus}
+    assert image_loading_args(cfg, None, None) == {"num_cpus": cfg.generate.io_num_cpus}
+
+
+def test_pair_building_batches_stay_within_a_shard():
+    from bpo_ray.config import load_config
+    from bpo_ray.generate.pipeline import outcome_batch_rows
+
+    def rows(shard: int, batch: int) -> int:
+        return outcome_batch_rows(load_config("tiny", ["generate.strategies=[image_weakened]",
+                                                       f"generate.shard_size={shard}",
+                                                       f"generate.sampler.pool.batch_size={batch}"]))
+
+    assert rows(4, 1) == 4      # a shard commits as soon as its rows are built
+    assert rows(16, 8) == 16
+    assert rows(1000, 8) == 64  # capped
+    assert rows(4, 8) == 8      # never below a generation group

@@ -41,12 +41,32 @@ IMAGE_STRATEGIES = ("image_weakened", "judge_ranked", "on_policy")
 RUNTIME_ONLY = ("progress", "io_num_cpus", "ingest")
 
 
-def pool_kwargs(pool: PoolConfig) -> dict[str, Any]:
-    """``map_batches`` arguments for an autoscaling actor pool with fault tolerance."""
+# Groups of work per actor below which a pool does not start another actor up front (model
+# load costs seconds; a tiny run is done before a second actor would be up).
+GROUPS_PER_ACTOR = 4
+
+
+def initial_pool_size(pool: PoolConfig, n_groups: Optional[int]) -> int:
+    """Actors a pool starts with: enough for ``n_groups`` generation groups (``GROUPS_PER_ACTOR``
+    each), within ``min_size..max_size``; ``min_size`` when the amount of work is unknown.
+
+    Starting at ``min_size`` and letting Ray Data scale up costs a whole actor start (process,
+    imports, model load) on the critical path: Ray Data asks for the second actor only once the
+    first is up and its queue is full (measured: the second sampler actor was requested 20.7 s
+    after the first, on the 2-core box at load average 18-30)."""
+    if not n_groups:
+        return pool.min_size
+    return max(pool.min_size, min(pool.max_size, -(-n_groups // GROUPS_PER_ACTOR)))
+
+
+def pool_kwargs(pool: PoolConfig, n_groups: Optional[int] = None) -> dict[str, Any]:
+    """``map_batches`` arguments for an autoscaling actor pool with fault tolerance, started at
+    ``initial_pool_size`` actors for ``n_groups`` groups of work."""
     import ray
 
     kwargs: dict[str, Any] = dict(
-        compute=ray.data.ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size),
+        compute=ray.data.ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size,
+                                           initial_size=initial_pool_size(pool, n_groups)),
         batch_size=pool.batch_size, num_cpus=pool.num_cpus,
     )
     if pool.num_gpus > 0:
@@ -119,19 +139,54 @@ def build_dataset(items: list[dict[str, Any]], cfg: BPOConfig, synonyms: Optiona
                                                               generation_group_size(cfg))), cfg, synonyms)
 
 
-def generation_stages(ds, cfg: BPOConfig, synonyms: Optional[dict[str, str]] = None):
+# Rows per pair-building task, at most: it is row-wise (no generation groups), and one Ray task
+# per 8-item group cost more (scheduling, a worker's first-call imports, Arrow conversion) than the
+# filters it ran. Never more than a shard (``outcome_batch_rows``), so a shard still commits at
+# most one shard's worth of rows after its last item is generated.
+OUTCOME_BATCH_ROWS = 64
+
+
+def outcome_batch_rows(cfg: BPOConfig) -> int:
+    """Rows per ``build_outcomes`` task: a shard, capped at ``OUTCOME_BATCH_ROWS``, at least a group."""
+    return max(generation_group_size(cfg), min(OUTCOME_BATCH_ROWS, cfg.generate.shard_size))
+
+
+def image_loading_args(cfg: BPOConfig, first_pool: Optional[PoolConfig], runtime_env: Optional[dict]) -> dict:
+    """Ray remote arguments of the ``load_images`` stage.
+
+    Before a CPU-only actor pool (``first_pool``, the first image stage's), the stage asks for the
+    pool's own CPU request: with equal remote arguments Ray Data fuses it into the actor's call, so
+    an item's image is read and checked in the process that encodes it, with no Ray task, object
+    and scheduling round per generation group. Before a GPU pool (or fault-tolerance settings an
+    actor pool has and a task cannot) it stays a separate task stage of ``io_num_cpus``, so image
+    I/O never holds a GPU actor."""
+    args: dict[str, Any] = {"num_cpus": cfg.generate.io_num_cpus}
+    if (first_pool is not None and first_pool.num_gpus == 0 and first_pool.max_restarts == -1
+            and first_pool.max_task_retries == -1):
+        args["num_cpus"] = first_pool.num_cpus
+    if runtime_env:
+        args["runtime_env"] = runtime_env
+    return args
+
+
+def generation_stages(ds, cfg: BPOConfig, synonyms: Optional[dict[str, str]] = None,
+                      n_groups: Optional[int] = None):
     """Images, negatives and outcomes for a dataset of item rows (``ITEM_COLUMNS`` + ``group``);
-    ``synonyms``: the on-policy verifier's object vocabulary."""
+    ``synonyms``: the on-policy verifier's object vocabulary; ``n_groups``: generation groups to
+    process (sizes the actor pools at start, ``initial_pool_size``)."""
     gen, models = cfg.generate, cfg.models
     strategies = list(gen.strategies)
     image_stages = [s for s in IMAGE_STRATEGIES if s in strategies]
     io_batch = generation_group_size(cfg)
     runtime_env = worker_runtime_env(cfg.numerics)
+    pool_of = {"image_weakened": gen.sampler.pool, "judge_ranked": gen.judge_ranked.pool,
+               "on_policy": gen.on_policy.pool}
     ds = ds.map_batches(load_images, fn_kwargs=dict(max_bytes=gen.max_image_bytes, keep_bytes=bool(image_stages)),
-                        batch_size=io_batch, num_cpus=gen.io_num_cpus, runtime_env=runtime_env)
+                        batch_size=io_batch,
+                        **image_loading_args(cfg, pool_of[image_stages[0]] if image_stages else None, runtime_env))
     common = dict(dtype=models.dtype, device=models.device, cache_dir=models.cache_dir,
                   cpu_isa=cfg.numerics.cpu_isa)
-    pools = {name: dict(pool_kwargs(pool), runtime_env=runtime_env) for name, pool in
+    pools = {name: dict(pool_kwargs(pool, n_groups), runtime_env=runtime_env) for name, pool in
              (("sampler", gen.sampler.pool), ("judge", gen.judge_ranked.pool), ("injector", gen.injector.pool),
               ("on_policy", gen.on_policy.pool))}
     for stage in image_stages:
@@ -162,7 +217,7 @@ def generation_stages(ds, cfg: BPOConfig, synonyms: Optional[dict[str, str]] = N
                 inj.engine_kwargs, cache_dir=models.cache_dir, io_num_cpus=gen.io_num_cpus, runtime_env=runtime_env)
             ds = processor(ds)
     return ds.map_batches(build_outcomes, fn_kwargs=dict(strategies=strategies, filters=gen.filters.model_dump()),
-                          batch_size=io_batch, num_cpus=gen.io_num_cpus)
+                          batch_size=outcome_batch_rows(cfg), num_cpus=gen.io_num_cpus)
 
 
 def _consume(ds, store: ShardStore, expected: dict[int, int], progress: bool) -> None:
@@ -237,7 +292,9 @@ def run_generate(cfg: BPOConfig, source: str, out: str, images: Optional[str] = 
         if expected:
             items = index.dataset(gen.shard_size, generation_group_size(cfg), done, gen.io_num_cpus, runtime_env,
                                   emit_tasks=gen.ingest.emit_tasks, object_store_mb=gen.ingest.object_store_mb)
-            _consume(generation_stages(items, cfg, synonyms), store, expected, gen.progress)
+            group = generation_group_size(cfg)
+            n_groups = sum(-(-n // group) for n in expected.values())
+            _consume(generation_stages(items, cfg, synonyms, n_groups), store, expected, gen.progress)
     finally:
         index.close()
     n_run = sum(expected.values())
