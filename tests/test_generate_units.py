@@ -516,6 +516,34 @@ def test_actor_pools_start_sized_for_the_work():
     assert initial_pool_size(PoolConfig(min_size=2, max_size=4), 1) == 2
 
 
+def test_initial_actors_leave_a_cpu_for_the_task_stages():
+    """Initial actors beyond min_size only where free resources hold them with a CPU to spare:
+    the two-node test cluster (4 CPUs) once started three 1-CPU samplers and a 0.5-CPU injector,
+    and the repartition task between the stages waited for a CPU for good."""
+    from bpo_ray.config.generate import PoolConfig
+    from bpo_ray.generate.pipeline import TASK_CPUS, initial_pool_sizes
+
+    sampler = PoolConfig(min_size=1, max_size=3, num_cpus=1.0, batch_size=1)
+    injector = PoolConfig(min_size=1, max_size=1, num_cpus=0.5, batch_size=4)
+    pools = [("sampler", sampler), ("injector", injector)]
+    sizes = initial_pool_sizes(pools, 96, {"CPU": 4.0})
+    assert sizes == {"sampler": 2, "injector": 1}
+    assert sizes["sampler"] * 1.0 + 0.5 + TASK_CPUS <= 4.0
+    assert initial_pool_sizes(pools, 96, {"CPU": 8.0}) == {"sampler": 3, "injector": 1}
+    # the demo's 2-CPU instance: both 0.5-CPU samplers would leave half a CPU, so one starts
+    tiny = [("sampler", PoolConfig(min_size=1, max_size=2, num_cpus=0.5)), ("injector", injector)]
+    assert initial_pool_sizes(tiny, 96, {"CPU": 2.0}) == {"sampler": 1, "injector": 1}
+    assert initial_pool_sizes(tiny, 96, {"CPU": 4.0}) == {"sampler": 2, "injector": 1}
+    # unknown work, or no room at all: min_size (Ray Data scales up within its budget)
+    assert initial_pool_sizes(pools, None, {"CPU": 64.0}) == {"sampler": 1, "injector": 1}
+    assert initial_pool_sizes(pools, 96, {}) == {"sampler": 1, "injector": 1}
+    # GPU pools are held to the free GPUs, and growth goes round the pools in pipeline order
+    gpu = PoolConfig(min_size=1, max_size=4, num_cpus=1.0, num_gpus=1.0)
+    judge = PoolConfig(min_size=1, max_size=4, num_cpus=1.0, num_gpus=0.5)
+    assert initial_pool_sizes([("sampler", gpu), ("judge", judge)], 96, {"CPU": 32.0, "GPU": 3.0}) == \
+        {"sampler": 2, "judge": 2}
+
+
 def test_image_loading_fuses_into_cpu_actor_pools_only():
     """Equal remote arguments let Ray Data fuse load_images into the first image stage's actor
     call (no task per group); before a GPU pool it stays a task stage of io_num_cpus."""

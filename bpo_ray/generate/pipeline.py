@@ -59,14 +59,46 @@ def initial_pool_size(pool: PoolConfig, n_groups: Optional[int]) -> int:
     return max(pool.min_size, min(pool.max_size, -(-n_groups // GROUPS_PER_ACTOR)))
 
 
-def pool_kwargs(pool: PoolConfig, n_groups: Optional[int] = None) -> dict[str, Any]:
+# CPUs the initial actors leave free for the task stages (emit, the streaming repartition, which
+# takes Ray Data's default of one CPU a task, load_images before a GPU pool, build_outcomes).
+TASK_CPUS = 1.0
+
+
+def initial_pool_sizes(pools: list[tuple[str, PoolConfig]], n_groups: Optional[int],
+                       free: dict[str, float]) -> dict[str, int]:
+    """Actors each pool starts with: ``initial_pool_size`` each, as far as ``free`` resources
+    (``ray.available_resources()`` when the stages are built) hold them with ``TASK_CPUS`` to spare.
+
+    Actors beyond ``min_size`` are added one at a time across the pools, in pipeline order, while
+    they fit. Without the cap a run could start actors on every CPU: Ray Data starts a pool's
+    initial actors whatever its resource budget, and the task stages between them then wait for a
+    CPU that never frees (seen on the two-node test cluster: three 1-CPU samplers and a 0.5-CPU
+    injector on 4 CPUs, the repartition task pending for good). Ray Data's own scaling up later
+    checks the budget, so a pool still grows to ``max_size`` as resources allow."""
+    sizes = {name: pool.min_size for name, pool in pools}
+    wanted = {name: initial_pool_size(pool, n_groups) for name, pool in pools}
+    cpus = free.get("CPU", 0.0) - TASK_CPUS - sum(pool.min_size * pool.num_cpus for _, pool in pools)
+    gpus = free.get("GPU", 0.0) - sum(pool.min_size * pool.num_gpus for _, pool in pools)
+    grew = True
+    while grew:
+        grew = False
+        for name, pool in pools:
+            if sizes[name] < wanted[name] and pool.num_cpus <= cpus + 1e-9 and pool.num_gpus <= gpus + 1e-9:
+                sizes[name] += 1
+                cpus -= pool.num_cpus
+                gpus -= pool.num_gpus
+                grew = True
+    return sizes
+
+
+def pool_kwargs(pool: PoolConfig, initial_size: Optional[int] = None) -> dict[str, Any]:
     """``map_batches`` arguments for an autoscaling actor pool with fault tolerance, started at
-    ``initial_pool_size`` actors for ``n_groups`` groups of work."""
+    ``initial_size`` actors (``min_size`` when not given; ``initial_pool_sizes``)."""
     import ray
 
     kwargs: dict[str, Any] = dict(
         compute=ray.data.ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size,
-                                           initial_size=initial_pool_size(pool, n_groups)),
+                                           initial_size=initial_size or pool.min_size),
         batch_size=pool.batch_size, num_cpus=pool.num_cpus,
     )
     if pool.num_gpus > 0:
@@ -173,7 +205,7 @@ def generation_stages(ds, cfg: BPOConfig, synonyms: Optional[dict[str, str]] = N
                       n_groups: Optional[int] = None):
     """Images, negatives and outcomes for a dataset of item rows (``ITEM_COLUMNS`` + ``group``);
     ``synonyms``: the on-policy verifier's object vocabulary; ``n_groups``: generation groups to
-    process (sizes the actor pools at start, ``initial_pool_size``)."""
+    process (sizes the actor pools at start, ``initial_pool_sizes``)."""
     gen, models = cfg.generate, cfg.models
     strategies = list(gen.strategies)
     image_stages = [s for s in IMAGE_STRATEGIES if s in strategies]
@@ -186,7 +218,17 @@ def generation_stages(ds, cfg: BPOConfig, synonyms: Optional[dict[str, str]] = N
                         **image_loading_args(cfg, pool_of[image_stages[0]] if image_stages else None, runtime_env))
     common = dict(dtype=models.dtype, device=models.device, cache_dir=models.cache_dir,
                   cpu_isa=cfg.numerics.cpu_isa)
-    pools = {name: dict(pool_kwargs(pool, n_groups), runtime_env=runtime_env) for name, pool in
+    in_use = [(name, pool) for name, pool, strategy in
+              (("sampler", gen.sampler.pool, "image_weakened"), ("judge", gen.judge_ranked.pool, "judge_ranked"),
+               ("on_policy", gen.on_policy.pool, "on_policy"), ("injector", gen.injector.pool, "error_injection"))
+              if strategy in strategies]
+    if gen.injector.backend != "transformers":  # the vLLM processor starts its own actors at min_size
+        in_use = [(name, pool.model_copy(update={"max_size": pool.min_size}) if name == "injector" else pool)
+                  for name, pool in in_use]
+    import ray
+
+    sizes = initial_pool_sizes(in_use, n_groups, ray.available_resources() if n_groups else {})
+    pools = {name: dict(pool_kwargs(pool, sizes.get(name)), runtime_env=runtime_env) for name, pool in
              (("sampler", gen.sampler.pool), ("judge", gen.judge_ranked.pool), ("injector", gen.injector.pool),
               ("on_policy", gen.on_policy.pool))}
     for stage in image_stages:
