@@ -7,7 +7,8 @@
 3. the cost of noisy against clean sampling: the same batches generated from noised and from
    clean features, in process, on both backends.
 
-    .venv/bin/python bench/generate.py [--size tiny|larger] [--items 768] [--tokens 32] [--rounds 1] [--out runs/bench/generate]
+    .venv/bin/python bench/generate.py [--size tiny|larger] [--items 768] [--tokens 32] [--rounds 1] [--no-loop]
+                                       [--out runs/bench/generate]
 
 ``--size`` picks the LM: ``tiny`` (the tiny config's 2 layers, 128 hidden) or ``larger`` (4 layers,
 512 hidden, 8 heads, 1408 intermediate: about 20x the LM FLOPs per token, where the model, not
@@ -141,6 +142,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32, help="max new tokens per answer")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=1, help="rounds of (loop, pipeline x2); best round reported")
+    ap.add_argument("--no-loop", action="store_true",
+                    help="skip the sequential loop (for long runs of the larger size, where it takes ~0.8 s an item); "
+                         "the pipeline/loop ratio is then not printed")
     ap.add_argument("--noise-items", type=int, default=None,
                     help="items of the in-process noisy/clean comparison (default: --items)")
     ap.add_argument("--noise-repeats", type=int, default=3, help="alternating clean/noisy repeats (best kept)")
@@ -181,8 +185,11 @@ def main() -> None:
     # Rounds alternate the three runs so a load spike on a shared machine hits them alike; each
     # row reports its best round.
     runs: dict[str, list[dict]] = {"sequential_loop": [], "pipeline_transformers": [], "pipeline_vllm": []}
+    if args.no_loop:
+        del runs["sequential_loop"]
     for r in range(args.rounds):
-        runs["sequential_loop"].append(sequential_loop(cfg, source, args.items))
+        if not args.no_loop:
+            runs["sequential_loop"].append(sequential_loop(cfg, source, args.items))
         runs["pipeline_transformers"].append(pipeline(cfg, source, str(work / f"out-transformers-{r}")))
         runs["pipeline_vllm"].append(pipeline(config("vllm"), source, str(work / f"out-vllm-{r}")))
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]['pairs_per_s']:.2f} pairs/s" for k, v in runs.items())
@@ -195,9 +202,10 @@ def main() -> None:
                                                    args.noise_repeats)
     results["noise_vllm"] = noisy_vs_clean(cfg, source, noise_items, "vllm", args.batch, args.noise_repeats)
 
-    seq, hf, vl = results["sequential_loop"], results["pipeline_transformers"], results["pipeline_vllm"]
+    seq, hf, vl = results.get("sequential_loop"), results["pipeline_transformers"], results["pipeline_vllm"]
     rows = [("sequential loop (transformers)", seq), ("Ray Data pipeline, transformers", hf),
             ("Ray Data pipeline, vLLM", vl)]
+    rows = [(name, r) for name, r in rows if r is not None]
     print(f"\n{'run':36s} {'pairs':>6s} {'seconds':>8s} {'pairs/s':>8s}")
     for name, r in rows:
         print(f"{name:36s} {r['pairs']:6d} {r['seconds']:8.1f} {r['pairs_per_s']:8.2f}")
@@ -207,7 +215,7 @@ def main() -> None:
               f"{r['clean_ms_per_token']:.2f} ms per generated token ({r['noisy_tokens']} / {r['clean_tokens']} tokens); "
               f"the noise op is {100 * r['noise_op_share']:.2f}% of the noisy run")
     ratios = {
-        "pipeline_transformers / sequential_loop (pairs/s)": hf["pairs_per_s"] / seq["pairs_per_s"],
+        **({"pipeline_transformers / sequential_loop (pairs/s)": hf["pairs_per_s"] / seq["pairs_per_s"]} if seq else {}),
         "pipeline_vllm / pipeline_transformers (pairs/s)": vl["pairs_per_s"] / hf["pairs_per_s"],
         "noisy / clean time per token, transformers": nt["noisy_over_clean"],
         "noisy / clean time per token, vLLM": nv["noisy_over_clean"],

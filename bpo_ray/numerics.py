@@ -12,6 +12,13 @@ kernels, which every x86-64 machine of the kind has, through three environment v
 * ``ONEDNN_MAX_CPU_ISA=AVX2``: oneDNN's JIT kernels;
 * ``MKL_CBWR=AVX2``: MKL's conditional numerical reproducibility mode (BLAS/GEMM).
 
+This holds within one CPU maker: MKL's ``AVX2`` branch exists on Intel CPUs only, and other
+makers' CPUs run MKL's AUTO branch under the same setting (Intel's oneMKL developer guide,
+"Getting Started with Conditional Numerical Reproducibility"). An Intel Xeon built another base
+model than the AMD EPYC machines of the documented runs (docs/science.md, "Another CPU maker").
+``numerics.cpu_isa: compatible`` sets ``MKL_CBWR=COMPATIBLE`` instead: the SSE2 branch that Intel
+documents for every maker's CPUs, at about 2x the GEMM time. It is not yet checked on AMD.
+
 ``numerics.threads`` fixes the intra-op thread count where a stage runs one big process (the
 world recipe): ATen and MKL split reductions by thread, so the count is part of the numerics too.
 ``native`` (GPU clusters) leaves everything as the CPU offers it.
@@ -24,8 +31,11 @@ from typing import Optional
 
 PORTABLE_ENV: dict[str, dict[str, str]] = {
     "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"},
+    "compatible": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "COMPATIBLE"},
     "native": {},
 }
+# The kernel set PyTorch reports under each pinned profile.
+CAPABILITY = {"avx2": "avx2", "compatible": "avx2"}
 
 
 class NumericsError(RuntimeError):
@@ -64,16 +74,32 @@ def check(cpu_isa: str, threads: Optional[int] = None, where: str = "this proces
     if wanted:
         missing = {k: v for k, v in wanted.items() if os.environ.get(k) != v}
         capability = active_capability()
-        if missing or capability.lower() != cpu_isa:
+        if missing or capability.lower() != CAPABILITY[cpu_isa]:
             raise NumericsError(
                 f"{where} runs {capability} kernels, but numerics.cpu_isa={cpu_isa} asks for portable "
-                f"{cpu_isa.upper()} numerics; its environment lacks {missing}. Start it with those variables "
+                f"{CAPABILITY[cpu_isa].upper()} numerics; its environment lacks {missing}. Start it with those variables "
                 "(bpo-ray's stages pass them to every Ray worker), or set numerics.cpu_isa=native")
     if threads:
         torch.set_num_threads(int(threads))
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; the platform's processor string elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown"
+
+
 def describe(cpu_isa: str, threads: Optional[int]) -> dict[str, object]:
-    """What a manifest records about the numerics of a run."""
+    """What a manifest records about the numerics of a run: the profile, the kernels PyTorch runs,
+    the pinning variables and the CPU (MKL's ``MKL_CBWR=AVX2`` branch exists on Intel CPUs only;
+    elsewhere MKL runs its AUTO branch, so the CPU's maker is part of the numerics)."""
     return {"cpu_isa": cpu_isa, "threads": threads, "capability": active_capability(),
-            "env": {k: os.environ.get(k) for k in PORTABLE_ENV["avx2"]}}
+            "env": {k: os.environ.get(k) for k in PORTABLE_ENV["avx2"]}, "cpu": cpu_model()}

@@ -45,6 +45,8 @@ def _run(code: str, env: dict[str, str]) -> str:
 
 def test_env_vars_name_the_three_kernel_libraries():
     assert numerics.env_vars("avx2") == {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"}
+    assert numerics.env_vars("compatible") == {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                                               "MKL_CBWR": "COMPATIBLE"}
     assert numerics.env_vars("native") == {}
     with pytest.raises(ValueError, match="avx512"):
         numerics.env_vars("avx512")
@@ -55,6 +57,20 @@ def test_check_fails_loudly_in_a_process_started_without_the_pinning():
     done = subprocess.run([sys.executable, "-c", code], env=_clean_env(), cwd=REPO, capture_output=True, text=True)
     assert done.returncode != 0
     assert "NumericsError" in done.stderr and "a worker" in done.stderr and "ATEN_CPU_CAPABILITY" in done.stderr
+
+
+def test_compatible_profile_is_checked_like_avx2_and_runs_are_described_with_their_cpu():
+    """``compatible`` pins MKL's COMPATIBLE branch (the one Intel documents for every maker's CPUs);
+    a process pinned for avx2 does not pass its check, and the description names the CPU."""
+    code = ("from bpo_ray import numerics\nnumerics.check('compatible', where='a worker')\n"
+            "d = numerics.describe('compatible', 2)\nprint(d['capability'], d['env']['MKL_CBWR'], bool(d['cpu']))")
+    ok = subprocess.run([sys.executable, "-c", code], env={**_clean_env(), **numerics.env_vars("compatible")},
+                        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert ok.stdout.split()[-3:] == ["AVX2", "COMPATIBLE", "True"]
+    wrong = subprocess.run([sys.executable, "-c", code], env={**_clean_env(), **numerics.env_vars("avx2")},
+                           cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert wrong.returncode != 0 and "MKL_CBWR" in wrong.stderr and "a worker" in wrong.stderr
 
 
 def test_the_cli_pins_the_configs_kernels_before_the_stage_computes():

@@ -33,9 +33,12 @@ class RayConfig(StrictModel):
 class NumericsConfig(StrictModel):
     """CPU kernel pinning for bit-reproducible runs across CPUs of one machine kind (``bpo_ray.numerics``)."""
 
-    cpu_isa: Literal["avx2", "native"] = Field(
+    cpu_isa: Literal["avx2", "compatible", "native"] = Field(
         "native", description="avx2: every stage process uses AVX2 kernels (ATen, oneDNN, MKL), so AVX2 and "
-        "AVX-512 CPUs give the same bits; native: whatever the CPU offers (GPU clusters)")
+        "AVX-512 CPUs of one maker give the same bits (MKL's AVX2 branch exists on Intel CPUs only: AMD CPUs run "
+        "its AUTO branch, and the bits differ between the two makers); compatible: as avx2 but MKL's COMPATIBLE "
+        "(SSE2) branch, the one Intel documents for Intel and non-Intel CPUs alike, slower GEMMs; "
+        "native: whatever the CPU offers (GPU clusters)")
     threads: Optional[int] = Field(None, ge=1, description="intra-op threads of single-process work (the world "
                                    "recipe); null: every core of the process's affinity")
 

@@ -74,7 +74,8 @@ def run_build(args: argparse.Namespace) -> int:
     models_out = Path(args.models_out or w.models_out or out.parent / "models").resolve()
     meta = build_base_model(out, models_out, w.base_model, seed=seed, numerics_cfg=cfg.numerics)
     print(f"base model: mllm={meta['paths']['mllm']} text_llm={meta['paths']['text_llm']} "
-          f"(weights sha256 {meta['weights_sha256']['mllm'][:16]}, {meta['numerics']['capability']} kernels) "
+          f"(weights sha256 {meta['weights_sha256']['mllm'][:16]}, {meta['numerics']['capability']} kernels, "
+          f"MKL_CBWR={meta['numerics']['env'].get('MKL_CBWR')}, built on {meta['numerics'].get('cpu', 'an unrecorded CPU')}) "
           f"(recipe {sum(meta['seconds'].values()):.0f}s when built; {time.perf_counter() - started:.1f}s now)",
           flush=True)
     if args.no_eval:
