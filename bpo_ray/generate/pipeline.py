@@ -131,12 +131,16 @@ def _model_source(uri: str) -> str:
         else os.path.abspath(os.path.expanduser(uri))
 
 
+def strategy_pools(gen) -> dict[str, PoolConfig]:
+    """Each strategy's actor pool, in pipeline order (the image stages, then error injection)."""
+    return {"image_weakened": gen.sampler.pool, "judge_ranked": gen.judge_ranked.pool,
+            "on_policy": gen.on_policy.pool, "error_injection": gen.injector.pool}
+
+
 def generation_group_size(cfg: BPOConfig) -> int:
     """Items a model generates for in one batch: the smallest batch of the pools in use."""
     gen = cfg.generate
-    pools = {"image_weakened": gen.sampler.pool, "judge_ranked": gen.judge_ranked.pool,
-             "error_injection": gen.injector.pool, "on_policy": gen.on_policy.pool}
-    return min(pool.batch_size for name, pool in pools.items() if name in gen.strategies)
+    return min(pool.batch_size for name, pool in strategy_pools(gen).items() if name in gen.strategies)
 
 
 def group_blocks(items: list[dict[str, Any]], shard_size: int, group_size: int) -> list:
@@ -206,35 +210,29 @@ def generation_stages(ds, cfg: BPOConfig, synonyms: Optional[dict[str, str]] = N
     """Images, negatives and outcomes for a dataset of item rows (``ITEM_COLUMNS`` + ``group``);
     ``synonyms``: the on-policy verifier's object vocabulary; ``n_groups``: generation groups to
     process (sizes the actor pools at start, ``initial_pool_sizes``)."""
+    import ray
+
     gen, models = cfg.generate, cfg.models
     strategies = list(gen.strategies)
     image_stages = [s for s in IMAGE_STRATEGIES if s in strategies]
     io_batch = generation_group_size(cfg)
     runtime_env = worker_runtime_env(cfg.numerics)
-    pool_of = {"image_weakened": gen.sampler.pool, "judge_ranked": gen.judge_ranked.pool,
-               "on_policy": gen.on_policy.pool}
+    pool_of = strategy_pools(gen)
     ds = ds.map_batches(load_images, fn_kwargs=dict(max_bytes=gen.max_image_bytes, keep_bytes=bool(image_stages)),
                         batch_size=io_batch,
                         **image_loading_args(cfg, pool_of[image_stages[0]] if image_stages else None, runtime_env))
     common = dict(dtype=models.dtype, device=models.device, cache_dir=models.cache_dir,
                   cpu_isa=cfg.numerics.cpu_isa)
-    in_use = [(name, pool) for name, pool, strategy in
-              (("sampler", gen.sampler.pool, "image_weakened"), ("judge", gen.judge_ranked.pool, "judge_ranked"),
-               ("on_policy", gen.on_policy.pool, "on_policy"), ("injector", gen.injector.pool, "error_injection"))
-              if strategy in strategies]
+    in_use = [(name, pool) for name, pool in pool_of.items() if name in strategies]
     if gen.injector.backend != "transformers":  # the vLLM processor starts its own actors at min_size
-        in_use = [(name, pool.model_copy(update={"max_size": pool.min_size}) if name == "injector" else pool)
+        in_use = [(name, pool.model_copy(update={"max_size": pool.min_size}) if name == "error_injection" else pool)
                   for name, pool in in_use]
-    import ray
-
     sizes = initial_pool_sizes(in_use, n_groups, ray.available_resources() if n_groups else {})
-    pools = {name: dict(pool_kwargs(pool, sizes.get(name)), runtime_env=runtime_env) for name, pool in
-             (("sampler", gen.sampler.pool), ("judge", gen.judge_ranked.pool), ("injector", gen.injector.pool),
-              ("on_policy", gen.on_policy.pool))}
+    pools = {name: dict(pool_kwargs(pool, sizes.get(name)), runtime_env=runtime_env) for name, pool in pool_of.items()}
     for stage in image_stages:
         drop = stage == image_stages[-1]
         if stage == "image_weakened":
-            ds = ds.map_batches(ImageWeakenedSampler, **pools["sampler"], fn_constructor_kwargs=dict(
+            ds = ds.map_batches(ImageWeakenedSampler, **pools["image_weakened"], fn_constructor_kwargs=dict(
                 model_uri=models.mllm, backend=gen.sampler.backend, noise=gen.sampler.noise.model_dump(),
                 sampling=gen.sampler.sampling.model_dump(), seed=gen.seed, engine_kwargs=gen.sampler.engine_kwargs,
                 drop_image_bytes=drop, **common))
@@ -244,13 +242,13 @@ def generation_stages(ds, cfg: BPOConfig, synonyms: Optional[dict[str, str]] = N
                 synonyms=synonyms or {}, seed=gen.seed, engine_kwargs=gen.sampler.engine_kwargs,
                 drop_image_bytes=drop, **common))
         else:
-            ds = ds.map_batches(JudgeRankedSampler, **pools["judge"], fn_constructor_kwargs=dict(
+            ds = ds.map_batches(JudgeRankedSampler, **pools["judge_ranked"], fn_constructor_kwargs=dict(
                 model_uri=models.mllm, backend=gen.sampler.backend, judge=gen.judge_ranked.model_dump(),
                 seed=gen.seed, engine_kwargs=gen.sampler.engine_kwargs, drop_image_bytes=drop, **common))
     if "error_injection" in strategies:
         inj = gen.injector
         if inj.backend == "transformers":
-            ds = ds.map_batches(ErrorInjector, **pools["injector"], fn_constructor_kwargs=dict(
+            ds = ds.map_batches(ErrorInjector, **pools["error_injection"], fn_constructor_kwargs=dict(
                 model_uri=models.text_llm, sampling=inj.sampling.model_dump(), seed=gen.seed, **common))
         else:
             keep = list(ITEM_COLUMNS) + ["group", "image_sha256"] + [f"neg_{s}" for s in image_stages]
@@ -332,9 +330,9 @@ def run_generate(cfg: BPOConfig, source: str, out: str, images: Optional[str] = 
         expected = index.shard_sizes(gen.shard_size, done)
         t_read = time.perf_counter() - t0
         if expected:
-            items = index.dataset(gen.shard_size, generation_group_size(cfg), done, gen.io_num_cpus, runtime_env,
-                                  emit_tasks=gen.ingest.emit_tasks, object_store_mb=gen.ingest.object_store_mb)
             group = generation_group_size(cfg)
+            items = index.dataset(gen.shard_size, group, done, gen.io_num_cpus, runtime_env,
+                                  emit_tasks=gen.ingest.emit_tasks, object_store_mb=gen.ingest.object_store_mb)
             n_groups = sum(-(-n // group) for n in expected.values())
             _consume(generation_stages(items, cfg, synonyms, n_groups), store, expected, gen.progress)
     finally:

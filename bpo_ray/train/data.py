@@ -264,6 +264,12 @@ def write_training_data(table: pa.Table, prepared: PreparedPairs, out_uri: str) 
     return TrainData(write(prepared.keep, "train.parquet"), len(prepared.keep), held, len(prepared.held_out))
 
 
+def row_group_starts(meta: pq.FileMetaData) -> np.ndarray:
+    """The first row of each row group of a Parquet file, and the file's row count last
+    (``num_row_groups + 1`` offsets): row group ``g`` holds rows ``starts[g]..starts[g + 1] - 1``."""
+    return np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
+
+
 def parquet_rows(uri: str) -> int:
     """Rows in one Parquet file, from its footer."""
     fs, path = storage.filesystem(uri)
@@ -311,17 +317,18 @@ class PairShare:
             if reader.metadata.num_rows != self.num_rows:
                 raise PairsError(f"{self.uri} holds {reader.metadata.num_rows} rows, the run was planned "
                                  f"with {self.num_rows}: it changed while training")
-            meta = reader.metadata
-            starts = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
+            starts = row_group_starts(reader.metadata)
             of_row = np.searchsorted(starts, wanted, side="right") - 1  # each wanted row's group
             groups = np.unique(of_row).tolist()
             for at in range(0, len(groups), self.READ_GROUPS):  # a few row groups per read call
                 chunk = groups[at:at + self.READ_GROUPS]
                 part = reader.read_row_groups(chunk, columns=list(TRAIN_COLUMNS))
                 sizes = np.diff(starts)[chunk]
-                base = dict(zip(chunk, np.cumsum(np.concatenate([[0], sizes[:-1]])) - starts[chunk]))
-                mine = wanted[np.isin(of_row, chunk)]
-                part = part.take(pa.array([r + base[g] for r, g in zip(mine, of_row[np.isin(of_row, chunk)])]))
+                # a row's place in ``part``: its place in its group plus the rows of the groups before
+                shift = dict(zip(chunk, np.cumsum(np.concatenate([[0], sizes[:-1]])) - starts[chunk]))
+                in_chunk = np.isin(of_row, chunk)
+                mine = wanted[in_chunk]
+                part = part.take(pa.array([r + shift[g] for r, g in zip(mine, of_row[in_chunk])]))
                 for c in TRAIN_COLUMNS:
                     cols[c].extend(part.column(c).to_pylist())
                 for r in mine:

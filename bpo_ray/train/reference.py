@@ -32,7 +32,7 @@ from bpo_ray import storage
 from bpo_ray.config import BPOConfig
 from bpo_ray.schemas import (Manifest, ManifestCounts, PAIR_SCHEMA, STRATEGIES, SchemaError, check_pairs, library_versions,
                              write_parquet)
-from bpo_ray.train.data import PairsError, check_images_exist, pairs_location
+from bpo_ray.train.data import PairsError, check_images_exist, pairs_location, row_group_starts
 from bpo_ray.train.timeline import Timeline, phase_seconds, process_start_time
 
 
@@ -123,14 +123,11 @@ def read_unit(parts: list[tuple[str, int, int]]) -> pa.Table:
         fs, path = storage.filesystem(uri)
         with fs.open_input_file(path) as f:
             reader = pq.ParquetFile(f)
-            starts, at = [], 0
-            for g in range(reader.metadata.num_row_groups):
-                starts.append(at)
-                at += reader.metadata.row_group(g).num_rows
-            groups = [g for g, s0 in enumerate(starts)
-                      if s0 < first + rows and s0 + reader.metadata.row_group(g).num_rows > first]
+            starts = row_group_starts(reader.metadata)
+            groups = [g for g in range(reader.metadata.num_row_groups)
+                      if starts[g] < first + rows and starts[g + 1] > first]
             table = reader.read_row_groups(groups)
-            tables.append(table.slice(first - starts[groups[0]], rows))
+            tables.append(table.slice(int(first - starts[groups[0]]), rows))
     return check_pairs(pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0],
                        "reference pass input")
 
