@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import uuid
 from typing import Optional
@@ -50,6 +51,15 @@ def ray_address_choice(cfg: RayConfig | None = None) -> tuple[Optional[str], str
     return None, "no ray.address / RAY_ADDRESS"
 
 
+GCS_PORT_ENV = "RAY_GCS_SERVER_PORT"  # read by Ray when it starts a head node (ray._private.node)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
 def init_ray(cfg: RayConfig | None = None, **kwargs) -> None:
     """Join the cluster the user named (``ray_address_choice``) or start a fresh local one, and
     say which in one line on stderr. A no-op if Ray is already initialised in this process."""
@@ -71,7 +81,29 @@ def init_ray(cfg: RayConfig | None = None, **kwargs) -> None:
               f"{int(ray.cluster_resources().get('CPU', 0))} CPUs", file=sys.stderr, flush=True)
         return
     # "local": a new instance, never the one named in ray_current_cluster (Ray's ray.init docs).
-    ray.init(address="local", num_cpus=cfg.num_cpus, namespace=cfg.namespace, include_dashboard=False, **kwargs)
+    # Its own processes must find it too: Ray's state API in a worker (Ray Train's
+    # PlacementGroupCleaner asks it whether the controller lives) resolves "the" cluster from
+    # RAY_ADDRESS, else from ray_current_cluster, i.e. a `ray start` cluster on this machine, where
+    # the controller is unknown, so the cleaner took it for dead. The GCS port is chosen up front
+    # and every worker gets the address through the job's runtime_env.
+    exported = os.environ.get(GCS_PORT_ENV)
+    port = int(exported) if exported else _free_port()
+    own = f"{ray.util.get_node_ip_address()}:{port}"
+    runtime_env = dict(kwargs.pop("runtime_env", None) or {})
+    runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), "RAY_ADDRESS": own}
+    os.environ[GCS_PORT_ENV] = str(port)
+    try:
+        # Ray's dashboard head (which serves the state API) starts without the UI too, on port 8265
+        # unless told otherwise: a `ray start` cluster's dashboard there would answer for this one
+        kwargs.setdefault("dashboard_port", _free_port())
+        ray.init(address="local", num_cpus=cfg.num_cpus, namespace=cfg.namespace, include_dashboard=False,
+                 runtime_env=runtime_env, **kwargs)
+    finally:
+        if not exported:
+            os.environ.pop(GCS_PORT_ENV, None)
+    if ray.get_runtime_context().gcs_address != own:  # Ray chose otherwise: say so, the run goes on
+        print(f"bpo-ray: warning: the local Ray instance is at {ray.get_runtime_context().gcs_address}, not {own}; "
+              "Ray's state API in its workers may find another instance on this machine", file=sys.stderr, flush=True)
     print(f"bpo-ray: started a fresh local Ray instance ({why}; num_cpus={cfg.num_cpus or 'all'}); "
           "to use a running cluster set RAY_ADDRESS or ray.address (e.g. --address auto)", file=sys.stderr, flush=True)
 

@@ -120,3 +120,40 @@ def test_a_missing_model_outside_the_embedded_default_fails_before_ray_starts(tm
     assert "Traceback" not in proc.stderr
     assert not (ray_tmpdir / "ray").exists()  # no Ray session was started
     assert not (tmp_path / "nowhere").exists()
+
+
+RESOLVE = """
+import json, os, sys
+from bpo_ray.config.shared import RayConfig
+from bpo_ray.raycluster import init_ray
+init_ray(RayConfig())
+import ray
+
+@ray.remote(num_cpus=0)
+class Probe:
+    def resolve(self):
+        # what Ray Train's PlacementGroupCleaner does to ask whether its controller lives
+        from ray.dashboard.utils import get_address_for_submission_client
+        return os.environ.get("RAY_ADDRESS"), get_address_for_submission_client(None)
+
+address, api = ray.get(Probe.remote().resolve.remote())
+print("RESULT " + json.dumps({"own_gcs": ray.get_runtime_context().gcs_address, "worker_ray_address": address,
+                              "worker_api_server": api}))
+"""
+
+
+def test_a_fresh_instance_beside_a_running_cluster_answers_its_own_workers(tmp_path, ray_tmpdir):
+    """With a `ray start` cluster on the machine, the workers of the fresh instance a stage starts
+    find that instance, not the other one, when they use Ray's state API: Ray Train's
+    PlacementGroupCleaner asks it whether the controller lives, and an answer from the other
+    cluster ("no such actor") made it take the controller for dead and exit, or remove the run's
+    placement group. Seen in session 20 with `ray start --head` running beside `bpo-ray train`."""
+    with LocalCluster(num_cpus=1, temp_dir=str(ray_tmpdir / "ray")) as cluster:
+        proc = subprocess.run([sys.executable, "-c", RESOLVE], cwd=tmp_path, env=_env(ray_tmpdir), capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        result = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))[len("RESULT "):])
+        assert result["worker_ray_address"] == result["own_gcs"]
+        assert not result["own_gcs"].endswith(f":{cluster.gcs_port}")
+        assert result["worker_api_server"] != cluster.dashboard_url
+        assert "multiple active Ray instances" not in proc.stderr
