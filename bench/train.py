@@ -39,6 +39,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))  # train_pairs: bias-world pairs with corrupted answers
 
 LORA = {"rank": 16, "alpha": 32, "dropout": 0.0}
+LAUNCHERS = {"bpo-ray": "ray_train", "bpo-ray-local": "local"}  # bench run -> train.launcher
+OURS = tuple(LAUNCHERS)
 LR, BETA, MAX_LENGTH = 5e-3, 0.1, 256
 
 
@@ -85,14 +87,17 @@ def adapter_digest(adapter_dir: str) -> str:
 
 
 # ---------------------------------------------------------------------------------- bpo-ray runs
-def run_bpo(setup_info: dict, work: Path, reference: str, steps: int, batch: int) -> dict:
+def run_bpo(setup_info: dict, work: Path, reference: str, steps: int, batch: int, launcher: str) -> dict:
+    """One bpo-ray run: ``launcher`` ray_train (Ray Train's controller and worker process; the
+    reference pass a Ray Data job) or local (both in this process; Ray is not imported)."""
     from bpo_ray.train.timeline import Timeline, process_start_time
 
     created = process_start_time() or time.time()
     bench = Timeline()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    import ray
-
+    local = launcher == "local"
+    if not local:  # the local launcher runs without Ray
+        import ray
     from bpo_ray.config import load_config
     from bpo_ray.train.plots import read_metrics
     from bpo_ray.train.reference import run_reference
@@ -100,9 +105,11 @@ def run_bpo(setup_info: dict, work: Path, reference: str, steps: int, batch: int
     from train_phases import ray_spans
 
     bench.add("bench.imports", created)  # the interpreter's start and this process's imports
-    with bench.phase("bench.ray_init"):
-        ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
+    if not local:
+        with bench.phase("bench.ray_init"):
+            ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
     overrides = [f"models.mllm={setup_info['mllm']}", "train.num_workers=1", "train.zero_stage=2",
+                 f"train.launcher={launcher}", f"reference.launcher={'local' if local else 'ray_data'}",
                  f"train.per_device_batch_size={batch}", f"train.max_steps={steps}",
                  # the same cosine schedule as TRL's: it ends after exactly `steps` steps
                  f"train.epochs={steps * batch / setup_info['n_pairs']}",
@@ -120,17 +127,19 @@ def run_bpo(setup_info: dict, work: Path, reference: str, steps: int, batch: int
         pairs = str(work / "ref")
     with bench.phase("bench.run_training"):
         result = run_training(cfg, pairs, str(work / "out"))
-    wall = bench.phases[-1].end - bench.phases[-1].start
+    run_training_s = bench.phases[-1].end - bench.phases[-1].start
     end = time.time()  # the run's result is in hand here; what follows is bookkeeping
-    spans = ray_spans(created)
-    with bench.phase("bench.ray_shutdown"):
-        ray.shutdown()
+    spans = [] if local else ray_spans(created)
+    if not local:
+        with bench.phase("bench.ray_shutdown"):
+            ray.shutdown()
     records = read_metrics(str(work / "out" / "metrics.jsonl"))
     assert result.reference == ("precomputed" if reference == "precomputed" else "adapter_disabled")
     phases = bench.phases + reference_timeline.prefixed("reference.").phases + result.timeline.phases
     return {"samples_per_s": _steady([r["step_time_s"] for r in records], batch),
-            "peak_rss_mb": max(r["peak_rss_mb"] for r in records), "wall_s": wall,
-            "process_wall_s": end - created + (bench.phases[-1].end - bench.phases[-1].start),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in records), "wall_s": result.wall_s,
+            "run_training_s": run_training_s,
+            "process_wall_s": end - created + (0 if local else bench.phases[-1].end - bench.phases[-1].start),
             "first_loss": records[0]["loss"], "late_loss": _late([r["loss"] for r in records]), "steps": len(records),
             "adapter_sha256": adapter_digest(str(work / "out" / "adapter")),
             "phases": [list(p) for p in phases], "spans": spans, **extra}
@@ -252,8 +261,10 @@ def run_trl(setup_info: dict, work: Path, reference: str, steps: int, batch: int
 def _child(args) -> None:
     info = json.loads(args.setup)
     work = Path(tempfile.mkdtemp(prefix=f"bench-{args.run}-{args.reference}-", dir=args.work))
-    fn = run_bpo if args.run == "bpo-ray" else run_trl
-    result = fn(info, work, args.reference, args.steps, args.batch)
+    if args.run == "trl":
+        result = run_trl(info, work, args.reference, args.steps, args.batch)
+    else:
+        result = run_bpo(info, work, args.reference, args.steps, args.batch, LAUNCHERS[args.run])
     print("BENCH_RESULT " + json.dumps(result), flush=True)
 
 
@@ -280,13 +291,19 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_AUTH_MODE": "disabled",
            "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
     runs: dict[tuple[str, str], list[dict]] = {}
-    order = [(run, ref) for run in ("bpo-ray", "trl") for ref in ("adapter_disabled", "precomputed")]
+    order = [(run, ref) for run in (*OURS, "trl") for ref in ("adapter_disabled", "precomputed")]
+    from bpo_ray import numerics
+    from bpo_ray.config import load_config
+
+    # a local run computes in its own process: pin its kernels as the stages pin their Ray workers'
+    pinned = {**env, **numerics.env_vars(load_config("tiny").numerics.cpu_isa)}
     for repeat in range(args.repeats):
         for run, reference in (order if repeat % 2 == 0 else order[::-1]):  # alternate against drift in load
             print(f"== {run}, reference {reference} (repeat {repeat + 1}/{args.repeats}) ...", flush=True)
             proc = subprocess.run([sys.executable, __file__, "--run", run, "--reference", reference,
                                    "--setup", json.dumps(info), "--work", str(out), "--steps", str(args.steps),
-                                   "--batch", str(args.batch)], env=env, capture_output=True, text=True)
+                                   "--batch", str(args.batch)], env=pinned if run == "bpo-ray-local" else env,
+                                  capture_output=True, text=True)
             line = next((l for l in proc.stdout.splitlines() if l.startswith("BENCH_RESULT ")), None)
             if proc.returncode != 0 or line is None:
                 print(proc.stdout[-3000:], proc.stderr[-5000:], sep="\n")
@@ -305,6 +322,7 @@ def results_of(runs: dict[tuple[str, str], list[dict]]) -> dict[tuple[str, str],
         fastest = min(rs, key=lambda r: r["wall_s"])
         out[key] = {**max(rs, key=lambda r: r["samples_per_s"]), "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
                     "wall_s": fastest["wall_s"], "process_wall_s": min(r["process_wall_s"] for r in rs),
+                    "run_training_s": min((r["run_training_s"] for r in rs if "run_training_s" in r), default=None),
                     "phases": fastest["phases"], "spans": fastest.get("spans", []),
                     "all_samples_per_s": [round(r["samples_per_s"], 2) for r in rs],
                     "all_wall_s": [round(r["wall_s"], 2) for r in rs],
@@ -323,59 +341,70 @@ def report(results: dict, info: dict, args, load_before: tuple, load_after: tupl
     print(f"\nsame tiny LLaVA, {info['n_pairs']} bias-world pairs, batch {args.batch}, LoRA r{LORA['rank']} "
           f"on the LM's linear layers, lr {LR}, {args.steps} steps, 1 process, 1 thread each; "
           f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after ({os.cpu_count()} CPUs)\n")
-    print(f"samples/s: from the median step time after 2 warm-up steps, best of {args.repeats} runs; peak RSS: max of "
-          "the runs (bpo-ray: the Ray Train worker); walls: min of the runs. train wall: bpo-ray's run_training "
-          "(driver imports and validation, Ray Train start, worker set-up, steps, checkpoint, export), TRL's from "
-          "loading data to the end of train() (its imports not counted); process wall: the whole run's process from "
-          "its start (interpreter, imports, bpo-ray's ray.init and shutdown included); late loss: mean of the last "
-          "quarter of steps")
-    print(f"{'run':<34}{'samples/s':>10}{'peak RSS MB':>13}{'train wall s':>14}{'process wall s':>16}"
-          f"{'ref pass s':>12}{'loss first->late':>20}")
+    print(f"bpo-ray: train.launcher=ray_train (Ray Train's controller and worker process, the reference pass a Ray "
+          f"Data job); bpo-ray-local: train.launcher=local and reference.launcher=local (the same training "
+          f"function and reference scorer in the calling process, without Ray)\n"
+          f"samples/s: from the median step time after 2 warm-up steps, best of {args.repeats} runs; peak RSS: max of "
+          "the runs (bpo-ray: the Ray Train worker; bpo-ray-local and TRL: the process). walls, min of the runs: "
+          "train wall: from run_training's start, its imports done (driver validation, Ray Train start, worker set-up "
+          "with its own imports, steps, checkpoint, export, plot, manifest), TRL's from loading data to the end of "
+          "train(); TRL's imports not counted either; incl. imports: run_training with the ray.train and transformers "
+          "imports it makes; process wall: the whole run's process from its start (interpreter, imports, bpo-ray's "
+          "ray.init and shutdown included); late loss: mean of the last quarter of steps")
+    print(f"{'run':<40}{'samples/s':>10}{'peak RSS MB':>13}{'train wall s':>14}{'incl. imports':>15}"
+          f"{'process wall s':>16}{'ref pass s':>12}{'loss first->late':>20}")
     for (run, reference), r in results.items():
-        print(f"{run + ', ref ' + reference:<34}{r['samples_per_s']:>10.2f}{r['peak_rss_mb']:>13.0f}"
-              f"{r['wall_s']:>14.1f}{r['process_wall_s']:>16.1f}{r.get('reference_pass_s', 0):>12.1f}"
+        with_imports = f"{r['run_training_s']:>15.1f}" if r.get("run_training_s") else f"{'':>15}"
+        print(f"{run + ', ref ' + reference:<40}{r['samples_per_s']:>10.2f}{r['peak_rss_mb']:>13.0f}"
+              f"{r['wall_s']:>14.1f}{with_imports}{r['process_wall_s']:>16.1f}{r.get('reference_pass_s', 0):>12.1f}"
               f"{r['first_loss']:>10.4f}->{r['late_loss']:.4f}")
     print("\nratios bpo-ray / TRL (same invocation):")
-    for reference in ("adapter_disabled", "precomputed"):
-        ours, trl = results[("bpo-ray", reference)], results[("trl", reference)]
-        print(f"  ref {reference:<17} train wall x{ours['wall_s'] / trl['wall_s']:.2f}, process wall "
-              f"x{ours['process_wall_s'] / trl['process_wall_s']:.2f}, samples/s "
-              f"x{ours['samples_per_s'] / trl['samples_per_s']:.2f}, peak RSS x{ours['peak_rss_mb'] / trl['peak_rss_mb']:.2f}")
-    ours, trl = results[("bpo-ray", "precomputed")], results[("trl", "precomputed")]
-    print(f"  reference pass: x{ours['reference_pass_s'] / trl['reference_pass_s']:.2f} "
-          f"({ours['reference_pass_s']:.1f} s, a Ray Data job, vs {trl['reference_pass_s']:.1f} s inside TRL's "
-          "already-loaded process)")
-    for run in ("bpo-ray", "trl"):
+    for run in OURS:
+        for reference in ("adapter_disabled", "precomputed"):
+            ours, trl = results[(run, reference)], results[("trl", reference)]
+            print(f"  {run:<13} ref {reference:<17} train wall x{ours['wall_s'] / trl['wall_s']:.2f} (incl. imports "
+                  f"x{ours['run_training_s'] / trl['wall_s']:.2f}), process wall "
+                  f"x{ours['process_wall_s'] / trl['process_wall_s']:.2f}, samples/s "
+                  f"x{ours['samples_per_s'] / trl['samples_per_s']:.2f}, peak RSS x{ours['peak_rss_mb'] / trl['peak_rss_mb']:.2f}")
+        ours, trl = results[(run, "precomputed")], results[("trl", "precomputed")]
+        print(f"  {run:<13} reference pass: x{ours['reference_pass_s'] / trl['reference_pass_s']:.2f} "
+              f"({ours['reference_pass_s']:.1f} s vs {trl['reference_pass_s']:.1f} s inside TRL's already-loaded process)")
+    for run in (*OURS, "trl"):
         pre, online = results[(run, "precomputed")], results[(run, "adapter_disabled")]
-        print(f"  {run:<7} precomputed / online reference: samples/s x{pre['samples_per_s'] / online['samples_per_s']:.2f}, "
+        print(f"  {run:<13} precomputed / online reference: samples/s x{pre['samples_per_s'] / online['samples_per_s']:.2f}, "
               f"peak RSS x{pre['peak_rss_mb'] / online['peak_rss_mb']:.2f}")
     if "stock_trl_error" in results[("trl", "precomputed")]:
         print(f"  stock TRL with precompute_ref_log_probs=True: {results[('trl', 'precomputed')]['stock_trl_error']}")
     for reference in ("adapter_disabled", "precomputed"):
-        r = results[("bpo-ray", reference)]
-        digests = ", ".join(d[:16] for d in r["adapter_sha256"])
-        print(f"  bpo-ray ref {reference}: adapter sha256 {digests} "
-              f"({'the same' if len(r['adapter_sha256']) == 1 else 'DIFFERENT'} over {args.repeats} runs)")
-    if results[("bpo-ray", "precomputed")]["reference_sha256"]:
-        print(f"  bpo-ray reference log-probs sha256 {', '.join(d[:16] for d in results[('bpo-ray', 'precomputed')]['reference_sha256'])}")
+        digests = sorted({d for run in OURS for d in results[(run, reference)]["adapter_sha256"]})
+        print(f"  bpo-ray ref {reference}: adapter sha256 {', '.join(d[:16] for d in digests)} "
+              f"({'the same' if len(digests) == 1 else 'DIFFERENT'} over both launchers, {args.repeats} runs each)")
+    ref_digests = sorted({d for run in OURS for d in results[(run, "precomputed")]["reference_sha256"]})
+    if ref_digests:
+        print(f"  bpo-ray reference log-probs sha256 {', '.join(d[:16] for d in ref_digests)} "
+              f"({'the same' if len(ref_digests) == 1 else 'DIFFERENT'} over both launchers)")
 
     print("\nwhere the wall goes (the fastest run of each; CPU s: the process doing that part, where one does)")
-    for reference in ("adapter_disabled", "precomputed"):
-        r = results[("bpo-ray", reference)]
-        print(format_rows(f"bpo-ray run_training, ref {reference}", training_rows(r["phases"], r["spans"]), r["wall_s"]))
-    r = results[("bpo-ray", "precomputed")]
-    print(format_rows("bpo-ray reference pass (run_reference)", reference_rows(r["reference_phases"],
-                                                                                r["reference_spans"]),
-                      r["reference_pass_s"]))
+    for run in OURS:
+        for reference in ("adapter_disabled", "precomputed"):
+            r = results[(run, reference)]
+            print(format_rows(f"{run} run_training, ref {reference}", training_rows(r["phases"], r["spans"]),
+                              r["run_training_s"]))
+        r = results[(run, "precomputed")]
+        print(format_rows(f"{run} reference pass (run_reference)", reference_rows(r["reference_phases"],
+                                                                                   r["reference_spans"]),
+                          r["reference_pass_s"]))
     for reference in ("adapter_disabled", "precomputed"):
         r = results[("trl", reference)]
         print(format_rows(f"TRL, ref {reference}", trl_rows(r["phases"]), r["wall_s"]))
     if args.phases:
-        for reference in ("adapter_disabled", "precomputed"):
-            r = results[("bpo-ray", reference)]
-            print(f"\nevery phase and Ray span, bpo-ray ref {reference} (its fastest run):")
-            print(listing(r["phases"], r["spans"]))
+        for run in OURS:
+            for reference in ("adapter_disabled", "precomputed"):
+                r = results[(run, reference)]
+                print(f"\nevery phase and Ray span, {run} ref {reference} (its fastest run):")
+                print(listing(r["phases"], r["spans"]))
     (out / "results.json").write_text(json.dumps({f"{k[0]}|{k[1]}": v for k, v in results.items()}, indent=2))
+
 
 if __name__ == "__main__":
     main()

@@ -64,11 +64,11 @@ def training_rows(phases: list[Phase], spans: list[list]) -> list[Row]:
     validation = ("driver.ensure_models", "driver.lora_targets", "driver.processor", "driver.read_pairs",
                   "driver.check_images", "driver.prompt_tokens", "driver.reference_settings")
     rows: list[Row] = [
-        ("driver: imports (ray.train, transformers)", _wall(phases, "driver.imports"), _cpu(phases, "driver.imports")),
+        ("driver: imports (transformers; ray.train with the ray_train launcher)", _wall(phases, "driver.imports"), _cpu(phases, "driver.imports")),
         ("driver: validation (LoRA targets, processor, pairs read + sort, images, prompt tokens)",
          _wall(phases, *validation), _cpu(phases, *validation)),
         ("driver: Ray attach + storage check", _wall(phases, "driver.ray_init", "driver.storage_check"), None),
-        ("Ray Train start: fit() until the worker's loop runs", loop[1] - fit[1], None),
+        ("launcher start: fit() (local: the call) until the loop runs", loop[1] - fit[1], None),
     ]
     controller = _span(spans, "TrainController.__init__")
     created = _one(phases, "worker.process_to_loop")
@@ -87,13 +87,13 @@ def training_rows(phases: list[Phase], spans: list[list]) -> list[Row]:
         rows.append((f"  {label}", _wall(phases, name), _cpu(phases, name)))
     steps = _all(phases, "worker.steps")
     ckpt = ("worker.checkpoint_deepspeed", "worker.checkpoint_adapter", "worker.export_adapter",
-            "worker.report_checkpoint")
+            "worker.persist_checkpoint", "worker.report_checkpoint")
     rows += [
         (f"worker: {len(steps)} steps (+ logging between them)", loop[2] - _wall(phases, *ckpt) - _one(
             phases, "worker.setup")[2], _cpu(phases, "worker.steps")),
         ("  the steps alone", _wall(phases, "worker.steps"), _cpu(phases, "worker.steps")),
-        ("worker: checkpoint, adapter export, ray.train.report", _wall(phases, *ckpt), _cpu(phases, *ckpt)),
-        ("Ray Train finish: loop returned until fit() returns", fit[2] - loop[2], None),
+        ("worker: checkpoint, adapter export, report (upload)", _wall(phases, *ckpt), _cpu(phases, *ckpt)),
+        ("launcher finish: loop returned until fit() (the call) returns", fit[2] - loop[2], None),
         ("driver: after fit (plot, manifest)", run[2] - fit[2], None),
     ]
     return rows
@@ -102,6 +102,14 @@ def training_rows(phases: list[Phase], spans: list[list]) -> list[Row]:
 def reference_rows(phases: list[Phase], spans: list[list]) -> list[Row]:
     """The reference pass's wall split into consecutive parts (Ray Data's from its task trace)."""
     whole, data = _one(phases, "bench.reference_pass"), _one(phases, "reference.ray_data")
+    in_process = _one(phases, "reference.score_in_process")
+    if whole and in_process:  # reference.launcher=local: the scorer in the calling process
+        before = ("reference.read_pairs", "reference.check_images", "reference.ensure_models", "reference.plan")
+        return [("driver: read pair footers, image checks, models, plan", in_process[1] - whole[1],
+                 _cpu(phases, *before)),
+                ("scorer in this process (model load, forward passes, Parquet writes)", in_process[2] - in_process[1],
+                 _cpu(phases, "reference.score_in_process")),
+                ("driver: model digest, manifest", whole[2] - in_process[2], None)]
     if not (whole and data):
         return []
     before = ("reference.read_pairs", "reference.check_images", "reference.ensure_models", "reference.ray_init",

@@ -88,6 +88,11 @@ class TrainConfig(StrictModel):
     max_length: int = Field(2048, ge=16)
     zero_stage: int = 2
     num_workers: Union[int, tuple[int, int]] = 2
+    launcher: Literal["ray_train", "local"] = Field(
+        "ray_train", description="ray_train: Ray Train's controller starts num_workers worker processes "
+        "(placement group, restarts up to max_failures, elastic resize, multi-node); local: the same training "
+        "function in this process as the only worker, without Ray (seconds instead of Ray Train's ~10 s start, "
+        "no Ray imports); no restarts: rerunning resumes from the latest checkpoint (bpo_ray/train/local_launch.py)")
     use_gpu: bool = False
     precision: Literal["fp32", "bf16"] = "fp32"
     checkpoint_every: int = Field(50, ge=1)
@@ -119,6 +124,9 @@ class TrainConfig(StrictModel):
             raise ValueError(f"label_smoothing applies to loss 'conservative' only, not {self.loss!r}")
         if self.precision == "bf16" and not self.use_gpu:
             raise ValueError("precision bf16 needs use_gpu: true (CPU training runs in fp32)")
+        if self.launcher == "local" and self.num_workers != 1:
+            raise ValueError(f"launcher 'local' runs one worker per process (torchrun starts more), so num_workers "
+                             f"must be 1, not {self.num_workers}; or use launcher 'ray_train'")
         return self
 
     @field_validator("zero_stage")
@@ -143,6 +151,9 @@ class TrainConfig(StrictModel):
 class ReferenceConfig(StrictModel):
     batch_size: int = Field(8, ge=1, description="pairs per forward; 1 scores each pair alone, so its log-probs do not "
                             "depend on its batch-mates' padding (bit-reproducible; the embedded default)")
+    launcher: Literal["ray_data", "local"] = Field(
+        "ray_data", description="ray_data: a Ray Data job, num_actors scorer actors; local: the same scorer in "
+        "this process (no Ray start, no actor start; num_actors/num_cpus/num_gpus do not apply)")
     num_actors: int = Field(1, ge=1)
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)

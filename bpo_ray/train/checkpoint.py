@@ -72,22 +72,30 @@ def checkpoint_step(fs, path: str) -> Optional[int]:
         return None
 
 
-def latest_complete_checkpoint(out_uri: str) -> Optional[tuple[int, str]]:
-    """``(step, uri)`` of the newest checkpoint in ``out/checkpoints`` whose every part arrived:
-    ``state.json``, the adapter, and one ZeRO optimizer shard per rank of the run that wrote it.
+def download_dir(fs, path: str, local_dir: str) -> None:
+    """Copy the checkpoint at ``path`` on ``fs`` (local or S3) into ``local_dir``."""
+    import pyarrow.fs as pafs
 
-    Ray Train only hands a restarted worker group the checkpoints its controller had registered;
-    a worker killed right after uploading one can beat that registration. The files are already
-    in storage then, so looking there as well makes the resume point the real latest one.
-    """
-    best: Optional[tuple[int, str]] = None
-    files = storage.list_files(storage.join(out_uri, CHECKPOINTS_DIR))
+    pafs.copy_files(path, local_dir, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+
+
+def checkpoint_dirs(out_uri: str) -> dict[str, list[str]]:
+    """The checkpoint directories in ``out/checkpoints`` and the files in each (relative paths)."""
+    root = storage.join(out_uri, CHECKPOINTS_DIR)
     by_dir: dict[str, list[str]] = {}
-    for f in files:
-        rel = f[len(storage.join(out_uri, CHECKPOINTS_DIR)) + 1:]
+    for f in storage.list_files(root):
+        rel = f[len(root) + 1:]
         if rel.startswith("checkpoint_") and "/" in rel:
             by_dir.setdefault(rel.split("/", 1)[0], []).append(rel.split("/", 1)[1])
-    for name, parts in by_dir.items():
+    return by_dir
+
+
+def complete_checkpoints(out_uri: str) -> list[tuple[int, str]]:
+    """``(step, uri)`` of every checkpoint in ``out/checkpoints`` whose every part arrived:
+    ``state.json``, the adapter, and one ZeRO optimizer shard per rank of the run that wrote it;
+    oldest step first."""
+    found = []
+    for name, parts in checkpoint_dirs(out_uri).items():
         uri = storage.join(out_uri, CHECKPOINTS_DIR, name)
         if "state.json" not in parts or "adapter/adapter_model.safetensors" not in parts:
             continue
@@ -96,9 +104,21 @@ def latest_complete_checkpoint(out_uri: str) -> Optional[tuple[int, str]]:
         except (storage.StorageError, ValueError, KeyError, TypeError):
             continue
         shards = [p for p in parts if p.startswith("deepspeed/") and p.endswith("_optim_states.pt")]
-        if len(shards) == state.world_size and (best is None or state.step > best[0]):
-            best = (state.step, uri)
-    return best
+        if len(shards) == state.world_size:
+            found.append((state.step, uri))
+    return sorted(found)
+
+
+def latest_complete_checkpoint(out_uri: str) -> Optional[tuple[int, str]]:
+    """``(step, uri)`` of the newest complete checkpoint (``complete_checkpoints``).
+
+    Ray Train only hands a restarted worker group the checkpoints its controller had registered;
+    a worker killed right after uploading one can beat that registration. The files are already
+    in storage then, so looking there as well makes the resume point the real latest one (and
+    with ``train.launcher: local`` storage is the only place a rerun finds them).
+    """
+    complete = complete_checkpoints(out_uri)
+    return complete[-1] if complete else None
 
 
 def resume_point(checkpoint, out_uri: str, rank: int) -> Optional[tuple[str, Any, str]]:
@@ -120,3 +140,26 @@ def resume_point(checkpoint, out_uri: str, rank: int) -> Optional[tuple[str, Any
     if choice is None:
         return None
     return choice[0], storage.filesystem(out_uri)[0], choice[1]
+
+
+def persist_checkpoint(local_dir: str, out_uri: str, step: int, rank: int, keep: int) -> str:
+    """``train.launcher: local``: what Ray Train's checkpoint upload does for the ``ray_train``
+    launcher. Every rank copies its part of the checkpoint (``local_dir``) to
+    ``OUT/checkpoints/checkpoint_step-<step>``; once all have, rank 0 deletes the older checkpoints
+    beyond the newest ``keep`` complete ones (``CheckpointConfig.num_to_keep``). Returns the uri."""
+    import torch.distributed as dist
+
+    uri = storage.join(out_uri, CHECKPOINTS_DIR, f"checkpoint_step-{step:08d}")
+    storage.upload_dir(local_dir, uri)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        complete = complete_checkpoints(out_uri)
+        if len(complete) >= keep:
+            oldest_kept = complete[-keep][0]
+            root = storage.join(out_uri, CHECKPOINTS_DIR)
+            for name in checkpoint_dirs(out_uri):
+                found = checkpoint_step(*storage.filesystem(storage.join(root, name)))
+                if found is None or found < oldest_kept:  # older, or never completed
+                    storage.delete(storage.join(root, name))
+    return uri

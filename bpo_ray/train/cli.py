@@ -20,14 +20,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
+    from bpo_ray.numerics import NumericsError
     from bpo_ray.train.data import PairsError
+    from bpo_ray.train.local_launch import LauncherError
     from bpo_ray.train.lora import TargetModuleError
     from bpo_ray.train.trainer import run_training
     from bpo_ray.train.zero import ZeroConfigError
 
     try:
         result = run_training(cfg, args.pairs, args.out)
-    except (PairsError, TargetModuleError, ZeroConfigError, FileNotFoundError) as exc:
+    except (PairsError, TargetModuleError, ZeroConfigError, FileNotFoundError, LauncherError, NumericsError) as exc:
         return stage_error("train", exc)
     m = result.final_metrics
     summary = f"loss {m.get('loss', float('nan')):.4f}"

@@ -26,7 +26,7 @@ import torch
 from bpo_ray import numerics, storage
 from bpo_ray.config.shared import ModelsConfig
 from bpo_ray.config.train import TrainConfig
-from bpo_ray.train.checkpoint import DS_TAG, TrainState, load_adapter_weights, resume_point, save_adapter
+from bpo_ray.train.checkpoint import DS_TAG, TrainState, download_dir, load_adapter_weights, resume_point, save_adapter
 from bpo_ray.train.collectives import all_reduce_max, all_reduce_sum, broadcast
 from bpo_ray.train.data import PairShare, TrainData, epoch_share, total_samples
 from bpo_ray.train.logprobs import collate_pairs, forward_logps
@@ -116,28 +116,30 @@ def _validate(engine, dataset: PairShare, train: TrainConfig, loss_fn, device, d
     return broadcast(summarise(dict(zip(keys, all_reduce_sum([sums[k] for k in keys], device)))))
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> list[list]:
-    """Ray Train entry point; ``config`` comes from ``bpo_ray.train.trainer.run_training``.
+def train_loop_per_worker(config: dict[str, Any], session: Optional[Any] = None) -> list[list]:
+    """The training function; ``config`` comes from ``bpo_ray.train.trainer.run_training``.
+    Ray Train calls it in each worker (``session`` None: a ``RaySession``); the local launcher
+    calls it in its own process with a ``LocalSession`` (``bpo_ray.train.session``).
 
     Returns this worker's ``Timeline`` (JSON): where its wall time went (Ray Train hands rank 0's
     to the driver as ``Result.return_value``)."""
-    import ray.train
-    import ray.train.torch
-
     timeline = Timeline()
     loop_started, loop_cpu = time.time(), time.process_time()
     created = process_start_time()
-    if created is not None and created < loop_started:  # Ray worker start, imports, process group
-        timeline.add("process_to_loop", created, loop_started, cpu_s=loop_cpu)
+    if session is None:
+        from bpo_ray.train.session import RaySession
+
+        session = RaySession()
+        if created is not None and created < loop_started:  # Ray worker start, imports, process group
+            timeline.add("process_to_loop", created, loop_started, cpu_s=loop_cpu)
     started = time.perf_counter()
     train = TrainConfig.model_validate(config["train"])
     models = ModelsConfig.model_validate(config["models"])
     data = TrainData(**config["pairs"])
     out_uri: str = config["out"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank, world = session.rank, session.world
     numerics.check(config.get("numerics", {}).get("cpu_isa", "native"), where=f"train worker {rank}")
-    device = ray.train.torch.get_device()
+    device = session.device
     dtype = torch.bfloat16 if train.precision == "bf16" else None
 
     t0 = time.perf_counter()
@@ -161,12 +163,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[list]:
 
     state = TrainState(world_size=world)
     restore_dir: Optional[str] = None
-    resume = resume_point(ray.train.get_checkpoint(), out_uri, rank)
+    resume = resume_point(session.latest_checkpoint(), out_uri, rank)
     resume_source = None
     if resume is not None:
         resume_source, fs, path = resume
         restore_dir = tempfile.mkdtemp(prefix="bpo-restore-")
-        ray.train.Checkpoint(path=path, filesystem=fs).to_directory(restore_dir)
+        download_dir(fs, path, restore_dir)
         state = TrainState.from_json(open(os.path.join(restore_dir, "state.json")).read())
         if state.world_size != world:  # elastic resize: adapter and position carry over
             load_adapter_weights(policy, os.path.join(restore_dir, "adapter"))
@@ -260,8 +262,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[list]:
                 elif final:
                     storage.upload_dir(os.path.join(tmp, "adapter"), storage.join(out_uri, "adapter"))
             log.flush()
-        with timeline.phase("report_checkpoint"):
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        with timeline.phase("report_checkpoint"):  # to OUT/checkpoints/ (Ray Train's upload, or ours)
+            session.report(metrics, checkpoint_dir=tmp, step=state.step)
         shutil.rmtree(tmp, ignore_errors=True)
 
     val_loss_fn = loss_fn or PreferenceLoss(train.loss, train.beta, train.label_smoothing)
@@ -341,13 +343,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[list]:
                 line += (f" margin {metrics['reward_margin']:.4f} acc {metrics['reward_accuracy']:.2f}"
                          f" logp chosen {metrics['chosen_logp']:.2f} rejected {metrics['rejected_logp']:.2f}")
             print(f"[bpo-ray train] {line}", flush=True)
-        # Metrics reach Ray Train with each checkpoint and each validation only: ray.train.report
+        # Metrics reach the session with each checkpoint and each validation only: ray.train.report
         # synchronises every worker with the controller (about 1.8 s per call on 2 CPU cores,
         # 10-20x a tiny model's step), while the metrics file and the console above get every step.
         if state.step % train.checkpoint_every == 0 or final:
             checkpoint_and_report(metrics, final=final)  # the last one exports the adapter
         elif validated:
-            ray.train.report(metrics)
+            session.report(metrics)
         if stop:
             break
     if progress is not None:

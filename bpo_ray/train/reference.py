@@ -12,9 +12,11 @@ row counts: ``pair_files``) and their image and strategy columns alone (``check_
 cuts the rows into units (``plan_units``), and an actor pool of ``ReferenceScorer`` reads each
 unit from the files, scores it block by block and writes it as ``OUT/pairs/part-<unit>.parquet``.
 Blocks are cut where they always were (every ``4 x reference.batch_size`` rows of the files read
-in order), so the log-probs do not depend on the number of actors or units. The manifest's
-timings split the driver's wall into phases (``read_pairs``, ``check_images``, ``plan``,
-``ray_data``, ...).
+in order), so the log-probs do not depend on the number of actors or units. With
+``reference.launcher: local`` one ``ReferenceScorer`` scores the same units in the driver's
+process, without Ray, with the threads a scorer actor gets, and writes the same log-probs. The
+manifest's timings split the driver's wall into phases (``read_pairs``, ``check_images``,
+``plan``, ``ray_data`` or ``score_in_process``, ...).
 """
 
 from __future__ import annotations
@@ -133,14 +135,15 @@ def read_unit(parts: list[tuple[str, int, int]]) -> pa.Table:
 
 
 class ReferenceScorer:
-    """Ray Data actor: the base MLLM scoring units of pairs. Each unit is read from the pairs'
+    """Ray Data actor (or, with ``reference.launcher: local``, an object in the driver): the base
+    MLLM scoring units of pairs. Each unit is read from the pairs'
     files, scored block by block, and written as ``OUT/pairs/part-<unit>.parquet``; the actor
     returns one small row per unit (rows, unscored), so no pair passes through the driver."""
 
     def __init__(self, models: dict[str, Any], max_length: int, average_logp: bool, micro_batch: int,
-                 block_rows: int, out_pairs: str, cpu_isa: str = "native"):
+                 block_rows: int, out_pairs: str, cpu_isa: str = "native", in_process: bool = False):
         self.timeline = Timeline()
-        created = process_start_time()
+        created = None if in_process else process_start_time()
         if created is not None:  # the Ray worker's start and this module's imports (torch among them)
             self.timeline.add("process_start", created)
         with self.timeline.phase("imports"):
@@ -242,8 +245,6 @@ def run_reference(cfg: BPOConfig, pairs_uri: str, out_uri: str, timeline: Option
     """Score every pair at ``pairs_uri`` with the base model; write ``out_uri/pairs`` + manifest.
 
     ``timeline`` (optional) gets the driver's phases; the manifest's timings hold them too."""
-    import ray
-
     from bpo_ray.models.ensure import ensure_models
     from bpo_ray.raycluster import check_cluster_can_write, init_ray, worker_runtime_env
 
@@ -261,34 +262,46 @@ def run_reference(cfg: BPOConfig, pairs_uri: str, out_uri: str, timeline: Option
 
     with timeline.phase("ensure_models"):
         cfg = cfg.model_copy(update={"models": ensure_models(cfg.models, ["mllm"], cfg.name, "reference")})
-    with timeline.phase("ray_init"):
-        init_ray(cfg.ray)
-    with timeline.phase("storage_check"):  # the scorers write the output, with the nodes' credentials
-        check_cluster_can_write(out_uri, worker_runtime_env(cfg.numerics))
     ref = cfg.reference
     block_rows = ref.batch_size * 4
+    local = ref.launcher == "local"
+    if not local:
+        with timeline.phase("ray_init"):
+            init_ray(cfg.ray)
+        with timeline.phase("storage_check"):  # the scorers write the output, with the nodes' credentials
+            check_cluster_can_write(out_uri, worker_runtime_env(cfg.numerics))
     with timeline.phase("plan"):
         units = plan_units(files, block_rows, blocks_per_unit(total, block_rows, ref.num_actors))
         if storage.exists(out_pairs):
             storage.delete(out_pairs)
-        # one block per unit, so the units spread over the actor pool; from_blocks reads their
-        # metadata here instead of starting a remote task per block
-        ds = ray.data.from_blocks([pa.table({"unit": [k], "parts": [json.dumps(parts)]})
-                                   for k, parts in enumerate(units)])
-    ds = ds.map_batches(
-        ReferenceScorer,
-        fn_constructor_kwargs={"models": cfg.models.model_dump(mode="json"), "max_length": cfg.train.max_length,
-                               "average_logp": cfg.train.average_logp, "micro_batch": ref.batch_size,
-                               "block_rows": block_rows, "out_pairs": out_pairs, "cpu_isa": cfg.numerics.cpu_isa},
-        batch_size=1,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=ref.num_actors),
-        num_cpus=ref.num_cpus,
-        num_gpus=ref.num_gpus,
-        runtime_env=worker_runtime_env(cfg.numerics),
-    )
-    with timeline.phase("ray_data"):  # executor start, scorer actors (start, model load), units
-        done = pa.concat_tables(ray.get(ds.to_arrow_refs()))
+        # one block per unit, so the units spread over the actor pool
+        blocks = [pa.table({"unit": [k], "parts": [json.dumps(parts)]}) for k, parts in enumerate(units)]
+    scorer_kwargs = {"models": cfg.models.model_dump(mode="json"), "max_length": cfg.train.max_length,
+                     "average_logp": cfg.train.average_logp, "micro_batch": ref.batch_size, "block_rows": block_rows,
+                     "out_pairs": out_pairs, "cpu_isa": cfg.numerics.cpu_isa}
+    if local:  # the same scorer and units, in this process
+        from bpo_ray.train.local_launch import torch_threads
+
+        # the threads a scorer actor gets (Ray's OMP_NUM_THREADS: its whole CPUs), so the bits agree
+        with timeline.phase("score_in_process"), torch_threads(max(1, int(ref.num_cpus))):
+            scorer = ReferenceScorer(**scorer_kwargs, in_process=True)
+            done = pa.concat_tables([scorer(block) for block in blocks])
+    else:
+        import ray
+
+        # from_blocks reads the blocks' metadata here instead of starting a remote task per block
+        ds = ray.data.from_blocks(blocks).map_batches(
+            ReferenceScorer,
+            fn_constructor_kwargs=scorer_kwargs,
+            batch_size=1,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=ref.num_actors),
+            num_cpus=ref.num_cpus,
+            num_gpus=ref.num_gpus,
+            runtime_env=worker_runtime_env(cfg.numerics),
+        )
+        with timeline.phase("ray_data"):  # executor start, scorer actors (start, model load), units
+            done = pa.concat_tables(ray.get(ds.to_arrow_refs()))
     if sorted(done.column("unit").to_pylist()) != list(range(len(units))) or pc.sum(done.column("rows")).as_py() != total:
         raise PairsError(f"reference pass scored {pc.sum(done.column('rows')).as_py()} pairs in "
                          f"{done.num_rows} units for {total} pairs in {len(units)} units")

@@ -20,12 +20,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
+    from bpo_ray.numerics import NumericsError
     from bpo_ray.train.data import PairsError
     from bpo_ray.train.reference import run_reference
 
     try:
         manifest = run_reference(cfg, args.pairs, args.out)
-    except (PairsError, FileNotFoundError) as exc:
+    except (PairsError, FileNotFoundError, NumericsError) as exc:
         return stage_error("reference", exc)
     c = manifest.counts
     print(f"bpo-ray reference: {c.paired} of {c.items_in} pairs scored ({c.filtered} prompts too long) "

@@ -1,5 +1,6 @@
 """The train stage's driver: validate everything that can be checked up front, run Ray Train's
-``TorchTrainer`` (DeepSpeed ZeRO inside each worker), then write the run's outputs.
+``TorchTrainer`` (DeepSpeed ZeRO inside each worker; with ``train.launcher: local`` the same
+training function in this process), then write the run's outputs.
 
 Output layout under ``out`` (local or ``s3://``)::
 
@@ -9,7 +10,7 @@ Output layout under ``out`` (local or ``s3://``)::
     validation/       best.json + best-step-<k>/adapter, held_out_pairs.json (train.validation on)
     train_data/       train.parquet (+ held_out.parquet): the kept pairs in canonical order, the
                       copy workers read their shares from (data.write_training_data)
-    checkpoints/      Ray Train checkpoints (DeepSpeed state, adapter, state.json); resume point
+    checkpoints/      checkpoints (DeepSpeed state, adapter, state.json); resume point
     metrics.jsonl     one record per step (+ start events), written by rank 0
     logps.png         chosen/rejected log-probs over training (paper Figure 6)
     manifest.json     counts (pairs in = trained on + dropped + held out), config, versions, timings,
@@ -29,19 +30,21 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-from bpo_ray import storage
+from bpo_ray import numerics, storage
 from bpo_ray.config import BPOConfig
 from bpo_ray.config.shared import ModelsConfig, NumericsConfig
 from bpo_ray.config.train import LoraConfig, TrainConfig
-from bpo_ray.raycluster import worker_runtime_env
+from bpo_ray.raycluster import worker_env, worker_runtime_env
 from bpo_ray.schemas import Manifest, ManifestCounts, library_versions, read_manifest
 from bpo_ray.train.data import (PairsError, PreparedPairs, pairs_location, read_pairs, select_pairs,
                                 write_training_data)
 from bpo_ray.train.checkpoint import CHECKPOINTS_DIR
+from bpo_ray.train.local_launch import check_single_process, local_worker
 from bpo_ray.train.loop import FAIL_AT_STEP_ENV, train_loop_per_worker
 from bpo_ray.train.lora import resolve_targets
 from bpo_ray.train.plots import plot_logps, read_metrics
 from bpo_ray.train.ray_settings import controller_settings, start_autoscaling_coordinator
+from bpo_ray.train.session import LocalSession
 from bpo_ray.train.timeline import Timeline, phase_seconds
 from bpo_ray.train.validation import VALIDATION_DIR, summary as validation_summary
 from bpo_ray.train.zero import load_deepspeed_template
@@ -105,20 +108,25 @@ def check_reference_settings(pairs_uri: str, train: TrainConfig, models: ModelsC
                          "rerun `bpo-ray reference` or set train.use_precomputed_reference=false")
 
 
+def _worker_extra_env() -> dict[str, str]:
+    """Variables every training worker gets besides ``raycluster.worker_env``."""
+    extra = {"TOKENIZERS_PARALLELISM": "false"}
+    if os.environ.get(FAIL_AT_STEP_ENV):
+        extra[FAIL_AT_STEP_ENV] = os.environ[FAIL_AT_STEP_ENV]
+    return extra
+
+
 def _run_config(train: TrainConfig, out_uri: str, numerics_cfg: Optional[NumericsConfig] = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
     fs, path = storage.filesystem(out_uri)
-    extra = {"TOKENIZERS_PARALLELISM": "false"}
-    if os.environ.get(FAIL_AT_STEP_ENV):
-        extra[FAIL_AT_STEP_ENV] = os.environ[FAIL_AT_STEP_ENV]
     return RunConfig(
         name=RUN_NAME,
         storage_path=path,
         storage_filesystem=fs,
         failure_config=FailureConfig(max_failures=train.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=train.checkpoints_to_keep),
-        worker_runtime_env=worker_runtime_env(numerics_cfg, **extra),
+        worker_runtime_env=worker_runtime_env(numerics_cfg, **_worker_extra_env()),
     )
 
 
@@ -126,8 +134,9 @@ def run_training(cfg: BPOConfig, pairs_uri: str, out_uri: str) -> TrainResult:
     """Train (DPO or SFT per ``cfg.train.mode``) on the pairs at ``pairs_uri``; outputs go to ``out_uri``."""
     timeline = Timeline()
     entered, entered_cpu = time.time(), time.process_time()
-    from ray.train import ScalingConfig
-    from ray.train.torch import TorchTrainer
+    local = cfg.train.launcher == "local"
+    if not local:  # the local launcher runs without Ray (bpo_ray.train.local_launch)
+        import ray.train  # noqa: F401  (Ray Train's import, timed with the driver's others)
     from transformers import AutoProcessor
 
     from bpo_ray.models.ensure import ensure_models
@@ -139,6 +148,9 @@ def run_training(cfg: BPOConfig, pairs_uri: str, out_uri: str) -> TrainResult:
     with timeline.phase("driver.ensure_models"):
         cfg = cfg.model_copy(update={"models": ensure_models(cfg.models, ["mllm"], cfg.name, "train")})
     train, models = cfg.train, cfg.models
+    if local:  # the loop will run in this process: one worker, computing with the kernels the config pins
+        check_single_process()
+        numerics.check(cfg.numerics.cpu_isa, where="the train driver (train.launcher=local runs the loop in it)")
     if train.lora.train_projector and not train.merge:
         print("bpo-ray train: note: an adapter with projector LoRA loads in PEFT but not as a vLLM LoRA "
               "adapter; set train.merge=true to also get a merged model vLLM can serve", file=sys.stderr)
@@ -158,12 +170,13 @@ def run_training(cfg: BPOConfig, pairs_uri: str, out_uri: str) -> TrainResult:
             check_reference_settings(pairs_uri, train, models, model_path)
 
     validated_s = time.perf_counter() - started
-    with timeline.phase("driver.ray_init"):
-        init_ray(cfg.ray)
-        start_autoscaling_coordinator()  # the controller waits for it: let it start alongside
-    with timeline.phase("driver.storage_check"):
-        run_config = _run_config(train, out_uri, cfg.numerics)
-        check_cluster_can_write(out_uri, run_config.worker_runtime_env)
+    if not local:
+        with timeline.phase("driver.ray_init"):
+            init_ray(cfg.ray)
+            start_autoscaling_coordinator()  # the controller waits for it: let it start alongside
+        with timeline.phase("driver.storage_check"):
+            run_config = _run_config(train, out_uri, cfg.numerics)
+            check_cluster_can_write(out_uri, run_config.worker_runtime_env)
     with timeline.phase("driver.write_train_data"):
         data = write_training_data(table, prepared, out_uri)
     del table  # the workers read their shares of the copy; the driver keeps the counts and ids
@@ -175,18 +188,28 @@ def run_training(cfg: BPOConfig, pairs_uri: str, out_uri: str) -> TrainResult:
         "out": out_uri,
         "use_reference_columns": use_reference_columns,
     }
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu),
-        run_config=run_config,
-    )
     fit_started = time.perf_counter()
-    with timeline.phase("driver.fit"), controller_settings(train.poll_interval_s):
-        result = trainer.fit()
+    if local:  # this process is the one worker: no Ray (bpo_ray.train.local_launch)
+        with timeline.phase("driver.fit"), local_worker({**worker_env(cfg.numerics), **_worker_extra_env()}, threads=1,
+                                                        use_gpu=train.use_gpu):
+            session = LocalSession(out_uri, train.checkpoints_to_keep, train.use_gpu)
+            worker_json = train_loop_per_worker(config, session)
+        final_metrics = session.last_metrics
+    else:
+        from ray.train import ScalingConfig
+        from ray.train.torch import TorchTrainer
+
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=config,
+            scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu),
+            run_config=run_config,
+        )
+        with timeline.phase("driver.fit"), controller_settings(train.poll_interval_s):
+            result = trainer.fit()
+        final_metrics, worker_json = dict(result.metrics or {}), result.return_value
     fit_s = time.perf_counter() - fit_started
-    final_metrics = dict(result.metrics or {})
-    worker_timeline = Timeline.from_json(result.return_value)
+    worker_timeline = Timeline.from_json(worker_json)
     worker_timings = _worker_timings(timeline, worker_timeline)
 
     records = read_metrics(storage.join(out_uri, "metrics.jsonl"))
@@ -196,7 +219,7 @@ def run_training(cfg: BPOConfig, pairs_uri: str, out_uri: str) -> TrainResult:
     merged = None
     if train.merge:
         with timeline.phase("driver.merge"):
-            merged = _merge(cfg, out_uri)
+            merged = _merge(cfg, out_uri, in_process=local)
     if prepared.dropped:
         storage.write_text(storage.join(out_uri, "dropped_pairs.json"), json.dumps(prepared.dropped, indent=2))
     validation = None
@@ -248,12 +271,15 @@ def _worker_timings(driver: Timeline, worker: Timeline) -> dict[str, float]:
     return out
 
 
-def _merge(cfg: BPOConfig, out_uri: str) -> str:
-    """Merge in a Ray task, so a big model's merge runs on a worker node, not the job driver."""
-    import ray
-
+def _merge(cfg: BPOConfig, out_uri: str, in_process: bool = False) -> str:
+    """Merge in a Ray task, so a big model's merge runs on a worker node, not the job driver (in
+    this process with ``train.launcher: local``, which trained here too)."""
     from bpo_ray.train.export import export_merged
 
-    task = ray.remote(num_cpus=1)(export_merged)
-    return ray.get(task.remote(cfg.models.mllm, storage.join(out_uri, "adapter"), storage.join(out_uri, "merged"),
-                               cfg.models.dtype, cfg.models.cache_dir))
+    args = (cfg.models.mllm, storage.join(out_uri, "adapter"), storage.join(out_uri, "merged"), cfg.models.dtype,
+            cfg.models.cache_dir)
+    if in_process:
+        return export_merged(*args)
+    import ray
+
+    return ray.get(ray.remote(num_cpus=1)(export_merged).remote(*args))
