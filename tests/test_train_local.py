@@ -27,7 +27,7 @@ from bpo_ray.train.checkpoint import CHECKPOINTS_DIR, TrainState, latest_complet
 from bpo_ray.train.local_launch import LauncherError, check_single_process, local_worker
 from bpo_ray.train.loop import FAIL_AT_STEP_ENV
 from bpo_ray.train.plots import read_metrics
-from train_pairs import build_pairs_rows, write_pairs
+from train_pairs import build_pairs_rows, records_by_attempt, write_pairs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,20 +49,9 @@ def _same_bits(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _attempts(out: str) -> list[list[dict]]:
-    attempts: list[list[dict]] = []
-    for line in storage.read_text(storage.join(out, "metrics.jsonl")).splitlines():
-        record = json.loads(line)
-        if record.get("event") == "start":
-            attempts.append([record])
-        else:
-            attempts[-1].append(record)
-    return attempts
-
-
 # ------------------------------------------------------------------------------ fast: set-up checks
 def test_local_launcher_needs_one_worker():
-    with pytest.raises(ValueError, match="launcher 'local' runs one worker per process.*num_workers must be 1"):
+    with pytest.raises(ValueError, match="launcher 'local' runs one worker, in this process, so num_workers must be 1, not 2"):
         load_config("tiny", ["train.launcher=local", "train.num_workers=2"])
     assert load_config("tiny", ["train.launcher=local", "train.num_workers=1"]).train.launcher == "local"
 
@@ -212,7 +201,7 @@ def test_a_killed_local_run_resumes_when_run_again(launcher_runs, tiny_models, p
     second = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "6 steps" in second.stdout
-    attempts = _attempts(out)
+    attempts = records_by_attempt(out)
     assert [r["step"] for r in attempts[0][1:]] == [1, 2, 3, 4]
     assert attempts[1][0]["resumed_from_step"] == 4
     assert [r["step"] for r in attempts[1][1:]] == [5, 6]

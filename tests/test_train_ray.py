@@ -22,7 +22,7 @@ from bpo_ray.train.loop import FAIL_AT_STEP_ENV
 from bpo_ray.train.plots import read_metrics
 from bpo_ray.train.reference import run_reference
 from bpo_ray.train.trainer import run_training
-from train_pairs import build_pairs_rows, write_pairs
+from train_pairs import build_pairs_rows, records_by_attempt, write_pairs
 
 pytestmark = pytest.mark.slow
 
@@ -34,17 +34,6 @@ def _cfg(tiny_models, *overrides: str):
         f"models.mllm={tiny_models['mllm']}", "train.per_device_batch_size=4", "train.num_workers=2",
         "train.epochs=1.5", "train.lr=5e-3", "train.warmup_ratio=0", "train.checkpoint_every=3",
         "train.max_length=256", *overrides])
-
-
-def _records_by_attempt(out: str) -> list[list[dict]]:
-    attempts: list[list[dict]] = []
-    for line in storage.read_text(storage.join(out, "metrics.jsonl")).splitlines():
-        record = json.loads(line)
-        if record.get("event") == "start":
-            attempts.append([record])
-        else:
-            attempts[-1].append(record)
-    return attempts
 
 
 def _mean(values) -> float:
@@ -107,7 +96,7 @@ def test_zero2_dpo_learns_and_resumes_when_submitted_again(zero2_run):
     first, second = zero2_run["first"], zero2_run["second"]
     assert first.steps == 3 and second.steps == 6
     assert first.reference == second.reference == "precomputed"
-    attempts = _records_by_attempt(zero2_run["out"])
+    attempts = records_by_attempt(zero2_run["out"])
     assert len(attempts) == 2
     assert attempts[0][0]["resumed_from_step"] is None and attempts[1][0]["resumed_from_step"] == 3
     assert [r["step"] for r in attempts[0][1:]] == [1, 2, 3]
@@ -144,7 +133,7 @@ def test_pairs_checkpoints_and_adapter_on_s3_resume_when_submitted_again(ray_clu
     assert first.steps == 3 and checkpoints, "the step-3 checkpoint is on S3"
     second = run_training(_cfg(tiny_models, "train.zero_stage=2"), pairs_uri, out)
     assert second.steps == 6 and second.reference == "precomputed"
-    attempts = _records_by_attempt(out)
+    attempts = records_by_attempt(out)
     assert [a[0]["resumed_from_step"] for a in attempts] == [None, 3]
     assert [r["step"] for r in attempts[1][1:]] == [4, 5, 6]  # continues from the S3 checkpoint
     assert attempts[1][1]["samples_seen"] == 4 * 8
@@ -166,7 +155,7 @@ def test_out_the_cluster_cannot_write_fails_fast_with_a_clear_error(ray_cluster,
 def test_zero3_worker_killed_resumes_from_checkpoint(zero3_run, zero2_run):
     out = zero3_run["out"]
     assert os.path.exists(os.path.join(out, ".injected-failure-step-5"))
-    attempts = _records_by_attempt(out)
+    attempts = records_by_attempt(out)
     assert len(attempts) == 2, "the killed worker group was restarted once"
     assert [r["step"] for r in attempts[0][1:]] == [1, 2, 3, 4]
     assert attempts[1][0]["resumed_from_step"] == 3  # the last checkpoint, not step 0
@@ -231,7 +220,7 @@ def sft_run(ray_cluster, tiny_models, pairs, tmp_path_factory) -> dict:
 
 
 def test_sft_mode_trains_and_resumes_on_another_worker_count(sft_run):
-    attempts = _records_by_attempt(sft_run["out"])
+    attempts = records_by_attempt(sft_run["out"])
     assert [a[0]["world_size"] for a in attempts] == [2, 1]
     assert attempts[1][0]["resumed_from_step"] == 2
     # the share follows the resize: 16 of 32 rows for rank 0 of 2, then the 16 left for the one worker
@@ -347,7 +336,7 @@ def test_validation_metrics_collapse_warning_and_best_adapter(validation_run):
     records = read_metrics(os.path.join(out, "metrics.jsonl"))
     validated = [r for r in records if "val_loss" in r]
     assert [r["step"] for r in validated] == [2, 4, 5]
-    assert _records_by_attempt(out)[0][0]["held_out_pairs"] == 9
+    assert records_by_attempt(out)[0][0]["held_out_pairs"] == 9
     for r in validated:
         assert r["val_pairs"] == 9 and 0 <= r["val_reward_accuracy"] <= 1 and r["val_time_s"] > 0
         assert r["val_chosen_logp_delta"] == pytest.approx(r["val_chosen_logp"] - r["val_ref_chosen_logp"])

@@ -57,3 +57,18 @@ def write_pairs(rows: list[dict], out_dir: str) -> str:
     """Write ``out_dir/pairs/part-0.parquet`` (the generate stage's layout); returns ``out_dir``."""
     write_parquet(pairs_table(rows), os.path.join(out_dir, "pairs", "part-0.parquet"), PAIR_SCHEMA)
     return out_dir
+
+
+def records_by_attempt(out: str) -> list[list[dict]]:
+    """A training run's ``metrics.jsonl`` split at each (re)start event: one list per attempt, its
+    start record first."""
+    from bpo_ray import storage
+
+    attempts: list[list[dict]] = []
+    for line in storage.read_text(storage.join(out, "metrics.jsonl")).splitlines():
+        record = json.loads(line)
+        if record.get("event") == "start":
+            attempts.append([record])
+        else:
+            attempts[-1].append(record)
+    return attempts

@@ -125,8 +125,8 @@ class TrainConfig(StrictModel):
         if self.precision == "bf16" and not self.use_gpu:
             raise ValueError("precision bf16 needs use_gpu: true (CPU training runs in fp32)")
         if self.launcher == "local" and self.num_workers != 1:
-            raise ValueError(f"launcher 'local' runs one worker per process (torchrun starts more), so num_workers "
-                             f"must be 1, not {self.num_workers}; or use launcher 'ray_train'")
+            raise ValueError(f"launcher 'local' runs one worker, in this process, so num_workers must be 1, not "
+                             f"{self.num_workers} (--set train.num_workers=1); or use launcher 'ray_train'")
         return self
 
     @field_validator("zero_stage")
