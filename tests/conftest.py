@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 
 import pytest
@@ -27,6 +28,28 @@ os.environ.setdefault("BPO_JUDGE_TOKEN", "bpo-test-suite-client")
 from bpo_ray import numerics  # noqa: E402  (imports no torch)
 
 numerics.pin("avx2")
+
+
+@pytest.fixture(autouse=True)
+def _process_state_restored():
+    """Each test leaves this process's environment and torch's thread setter as it found them.
+
+    vLLM's in-process CPU engine sets ``LD_PRELOAD`` (tcmalloc, libgomp), ``LOCAL_WORLD_SIZE`` and
+    more in ``os.environ`` and replaces ``torch.set_num_threads`` with a no-op for the rest of the
+    process (``vllm/platforms/cpu.py``, ``vllm/v1/worker/cpu_worker.py``). A Ray cluster or a CLI
+    process started by a later test inherited that environment and computed other bits than the
+    same run started anywhere else (a Ray Train worker under the preloaded tcmalloc and libgomp).
+    Fixtures of a wider scope are set up before this one, so what they export stays."""
+    saved = dict(os.environ)
+    torch = sys.modules.get("torch")
+    setter = getattr(torch, "set_num_threads", None) if torch else None
+    yield
+    for key in set(os.environ) - set(saved):
+        del os.environ[key]
+    os.environ.update(saved)
+    torch = sys.modules.get("torch")
+    if torch is not None and getattr(torch, "set_num_threads", None) is not (setter or torch._C.set_num_threads):
+        torch.set_num_threads = setter or torch._C.set_num_threads
 
 
 def free_port() -> int:

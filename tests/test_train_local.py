@@ -16,6 +16,8 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
+from typing import Optional
 
 import pyarrow.parquet as pq
 import pytest
@@ -23,8 +25,9 @@ import torch
 
 from bpo_ray import storage
 from bpo_ray.config import load_config
+from bpo_ray.schemas import read_manifest
 from bpo_ray.train.checkpoint import CHECKPOINTS_DIR, TrainState, latest_complete_checkpoint, persist_checkpoint
-from bpo_ray.train.local_launch import LauncherError, check_single_process, local_worker
+from bpo_ray.train.local_launch import LauncherError, check_single_process
 from bpo_ray.train.loop import FAIL_AT_STEP_ENV
 from bpo_ray.train.plots import read_metrics
 from train_pairs import build_pairs_rows, records_by_attempt, write_pairs
@@ -60,30 +63,56 @@ def test_a_torchrun_world_is_refused(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(LauncherError, match="WORLD_SIZE=2.*use train.launcher=ray_train"):
         check_single_process()
-    with pytest.raises(LauncherError):
-        with local_worker():
-            pass
 
 
-def test_local_worker_sets_up_one_process_group_and_restores_everything(monkeypatch):
-    monkeypatch.delenv("MASTER_PORT", raising=False)
-    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")  # exported by the user: kept
-    threads = torch.get_num_threads()
-    with local_worker({"TOKENIZERS_PARALLELISM": "false", "BPO_RAY_TEST_VAR": "1"}, threads=1) as env:
-        assert os.environ["WORLD_SIZE"] == "1" and os.environ["MASTER_ADDR"] == "127.0.0.1"
-        assert os.environ["TOKENIZERS_PARALLELISM"] == "true" and os.environ["BPO_RAY_TEST_VAR"] == "1"
-        assert torch.get_num_threads() == 1
-        assert torch.distributed.get_world_size() == 1 and torch.distributed.get_backend() == "gloo"
-        t = torch.tensor([2.0])
-        torch.distributed.all_reduce(t)  # what the loop's collectives do
-        assert t.item() == 2.0
-        assert "TOKENIZERS_PARALLELISM" not in env
-        with pytest.raises(LauncherError, match="already has a torch.distributed process group"):
-            with local_worker():
-                pass
-    assert not torch.distributed.is_initialized()
-    assert "MASTER_PORT" not in os.environ and "BPO_RAY_TEST_VAR" not in os.environ
-    assert torch.get_num_threads() == threads
+def _in_a_fresh_process(code: str) -> None:
+    """Run ``code`` (asserts inside) in a new interpreter: the kind of process the local launcher is
+    for. The pytest process is not one: its in-process vLLM tests leave a torch.distributed group
+    and a disabled ``torch.set_num_threads`` behind."""
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "TOKENIZERS_PARALLELISM": "true"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_local_worker_sets_up_one_process_group_and_restores_everything():
+    _in_a_fresh_process("""
+        import os, pytest, torch
+        from bpo_ray.train.local_launch import LauncherError, local_worker
+        threads = torch.get_num_threads()
+        assert threads != 1 or os.cpu_count() == 1
+        with local_worker({"TOKENIZERS_PARALLELISM": "false", "BPO_RAY_TEST_VAR": "1"}, threads=1) as env:
+            assert os.environ["WORLD_SIZE"] == "1" and os.environ["MASTER_ADDR"] == "127.0.0.1"
+            # a value the user exported wins over the workers' default
+            assert os.environ["TOKENIZERS_PARALLELISM"] == "true" and os.environ["BPO_RAY_TEST_VAR"] == "1"
+            assert "TOKENIZERS_PARALLELISM" not in env
+            assert torch.get_num_threads() == 1
+            assert torch.distributed.get_world_size() == 1 and torch.distributed.get_backend() == "gloo"
+            t = torch.tensor([2.0])
+            torch.distributed.all_reduce(t)  # what the loop's collectives do
+            assert t.item() == 2.0
+            with pytest.raises(LauncherError, match="already has a torch.distributed process group"):
+                with local_worker():
+                    pass
+        assert not torch.distributed.is_initialized()
+        assert "MASTER_PORT" not in os.environ and "BPO_RAY_TEST_VAR" not in os.environ
+        assert torch.get_num_threads() == threads
+    """)
+
+
+def test_threads_are_set_where_vllm_disabled_torch_set_num_threads():
+    """vLLM's in-process CPU engine replaces ``torch.set_num_threads`` with a no-op for the rest of
+    the process (``vllm/v1/worker/cpu_worker.py``); a local run there still gets its one thread,
+    so the bits a Ray Train worker gets."""
+    _in_a_fresh_process("""
+        import torch
+        from bpo_ray.train.local_launch import local_worker
+        torch.set_num_threads = lambda n: None  # what vLLM's CPU worker installs
+        threads = torch.get_num_threads()
+        want = 1 if threads != 1 else 2
+        with local_worker(threads=want):
+            assert torch.get_num_threads() == want
+        assert torch.get_num_threads() == threads
+    """)
 
 
 def _fake_checkpoint(root, step: int, world: int = 1) -> str:
@@ -119,22 +148,33 @@ def pairs(tmp_path_factory) -> str:
     return write_pairs(build_pairs_rows(str(root / "world"), n_scenes=40, limit=32), str(root / "generated"))
 
 
+def _cli(stage: str, pairs: str, out: str, overrides: list[str], env: Optional[dict] = None) -> subprocess.CompletedProcess:
+    """``python -m bpo_ray <stage>``, as a user runs it."""
+    cmd = [sys.executable, "-m", "bpo_ray", stage, "--pairs", pairs, "--out", out]
+    for o in overrides:
+        cmd += ["--set", o]
+    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
 @pytest.fixture(scope="module")
 def launcher_runs(ray_cluster, tiny_models, pairs, tmp_path_factory) -> dict:
+    """The same 6-step run with each launcher: Ray Train on the session's cluster, and the local
+    launcher through the CLI in a process of its own."""
     from bpo_ray.train.trainer import run_training
 
-    outs = {}
-    for launcher in ("ray_train", "local"):
-        outs[launcher] = str(tmp_path_factory.mktemp(f"launcher_{launcher}"))
-        cfg = load_config("tiny", _overrides(tiny_models, f"train.launcher={launcher}"))
-        outs[f"{launcher}_result"] = run_training(cfg, pairs, outs[launcher])
+    outs = {"ray_train": str(tmp_path_factory.mktemp("launcher_ray_train")),
+            "local": str(tmp_path_factory.mktemp("launcher_local"))}
+    outs["ray_train_result"] = run_training(load_config("tiny", _overrides(tiny_models, "train.launcher=ray_train")),
+                                            pairs, outs["ray_train"])
+    outs["local_proc"] = _cli("train", pairs, outs["local"], _overrides(tiny_models, "train.launcher=local"))
+    assert outs["local_proc"].returncode == 0, outs["local_proc"].stderr[-3000:]
     return outs
 
 
 @pytest.mark.slow
 def test_both_launchers_train_the_same_bits(launcher_runs):
     ray_train, local = launcher_runs["ray_train"], launcher_runs["local"]
-    assert launcher_runs["local_result"].steps == launcher_runs["ray_train_result"].steps == 6
+    assert launcher_runs["ray_train_result"].steps == 6 and "bpo-ray train: 6 steps" in launcher_runs["local_proc"].stdout
     assert _same_bits(_tensors(os.path.join(ray_train, "adapter")), _tensors(os.path.join(local, "adapter")))
     ours, theirs = read_metrics(os.path.join(local, "metrics.jsonl")), read_metrics(os.path.join(ray_train, "metrics.jsonl"))
     assert [r["loss"] for r in ours] == [r["loss"] for r in theirs]
@@ -142,8 +182,6 @@ def test_both_launchers_train_the_same_bits(launcher_runs):
     # the local run kept its own checkpoints: the newest two of steps 2, 4, 6
     names = sorted(os.listdir(os.path.join(local, CHECKPOINTS_DIR)))
     assert names == ["checkpoint_step-00000004", "checkpoint_step-00000006"]
-    # the process is as it was: no process group left, the environment restored
-    assert not torch.distributed.is_initialized() and "MASTER_PORT" not in os.environ
     timings = json.loads(open(os.path.join(local, "manifest.json")).read())["timings"]
     assert "driver.ray_init_s" not in timings and "ray_init_s" not in timings
 
@@ -172,13 +210,15 @@ def test_a_local_run_imports_nothing_of_ray(tiny_models, pairs, tmp_path):
 def test_local_reference_pass_scores_the_same_log_probs(ray_cluster, tiny_models, pairs, tmp_path):
     from bpo_ray.train.reference import run_reference
 
+    overrides = _overrides(tiny_models, "reference.batch_size=8")
+    run_reference(load_config("tiny", [*overrides, "reference.launcher=ray_data"]), pairs, str(tmp_path / "ray_data"))
+    proc = _cli("reference", pairs, str(tmp_path / "local"), [*overrides, "reference.launcher=local"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
     scored = {}
     for launcher in ("ray_data", "local"):
-        out = str(tmp_path / launcher)
-        cfg = load_config("tiny", _overrides(tiny_models, f"reference.launcher={launcher}", "reference.batch_size=8"))
-        manifest = run_reference(cfg, pairs, out)
+        manifest = read_manifest(str(tmp_path / launcher / "manifest.json"))
         assert manifest.counts.items_in == manifest.counts.paired == 32
-        table = pq.read_table(os.path.join(out, "pairs")).sort_by("id")
+        table = pq.read_table(str(tmp_path / launcher / "pairs")).sort_by("id")
         scored[launcher] = table.select(["id", "ref_chosen_logp", "ref_rejected_logp"]).to_pylist()
     assert scored["local"] == scored["ray_data"]
     assert all(r["ref_chosen_logp"] < 0 for r in scored["local"])
@@ -190,15 +230,13 @@ def test_a_killed_local_run_resumes_when_run_again(launcher_runs, tiny_models, p
     4 is in storage); the same command again resumes there and ends with the uninterrupted run's
     adapter, bit for bit."""
     out = str(tmp_path / "out")
-    cmd = [sys.executable, "-m", "bpo_ray", "train", "--pairs", pairs, "--out", out]
-    for o in _overrides(tiny_models, "train.launcher=local"):
-        cmd += ["--set", o]
+    overrides = _overrides(tiny_models, "train.launcher=local")
     env = {**os.environ, FAIL_AT_STEP_ENV: "5"}
-    first = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    first = _cli("train", pairs, out, overrides, env)
     assert first.returncode != 0, first.stdout[-2000:]
     assert "injected failure" in first.stderr
     assert latest_complete_checkpoint(out)[0] == 4
-    second = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    second = _cli("train", pairs, out, overrides, env)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "6 steps" in second.stdout
     attempts = records_by_attempt(out)

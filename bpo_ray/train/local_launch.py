@@ -44,6 +44,21 @@ def _free_loopback_port() -> int:
         return s.getsockname()[1]
 
 
+def _set_torch_threads(threads: int) -> None:
+    """``torch.set_num_threads``, checked. vLLM's in-process CPU engine replaces
+    ``torch.set_num_threads`` with a no-op for the rest of the process (its thread binding), which
+    would leave this run on another thread count, so other bits, silently: torch's own builtin is
+    used then."""
+    import torch
+
+    torch.set_num_threads(threads)
+    if torch.get_num_threads() != threads:
+        torch._C.set_num_threads(threads)
+    if torch.get_num_threads() != threads:
+        raise LauncherError(f"cannot set torch's intra-op threads to {threads} in this process "
+                            f"(it runs {torch.get_num_threads()}); run the stage in a process of its own")
+
+
 @contextlib.contextmanager
 def torch_threads(threads: int) -> Iterator[None]:
     """torch computes with ``threads`` intra-op threads within this context, as a Ray worker that
@@ -54,11 +69,11 @@ def torch_threads(threads: int) -> Iterator[None]:
     if before == threads:
         yield
         return
-    torch.set_num_threads(threads)
+    _set_torch_threads(threads)
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        _set_torch_threads(before)
 
 
 @contextlib.contextmanager
