@@ -80,7 +80,22 @@ def check(cpu_isa: str, threads: Optional[int] = None, where: str = "this proces
                 f"{CAPABILITY[cpu_isa].upper()} numerics; its environment lacks {missing}. Start it with those variables "
                 "(bpo-ray's stages pass them to every Ray worker), or set numerics.cpu_isa=native")
     if threads:
-        torch.set_num_threads(int(threads))
+        set_threads(int(threads))
+
+
+def set_threads(threads: int) -> None:
+    """``torch.set_num_threads``, checked: the thread count is part of the numerics (ATen and MKL
+    split reductions by thread). vLLM's in-process CPU engine replaces ``torch.set_num_threads``
+    with a no-op for the rest of the process (its thread binding), which would leave the process on
+    another count, so other bits, silently: torch's own builtin is used then."""
+    import torch
+
+    torch.set_num_threads(threads)
+    if torch.get_num_threads() != threads:
+        torch._C.set_num_threads(threads)
+    if torch.get_num_threads() != threads:
+        raise NumericsError(f"cannot set torch's intra-op threads to {threads} in this process "
+                            f"(it runs {torch.get_num_threads()}); run the stage in a process of its own")
 
 
 def cpu_model() -> str:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import uuid
 from typing import Optional
 
 from bpo_ray import numerics, storage
 from bpo_ray.config.shared import NumericsConfig, RayConfig
+from bpo_ray.localcluster import free_port
 from bpo_ray.progress import HF_BARS_ENV
 
 def worker_env(numerics_cfg: Optional[NumericsConfig] = None) -> dict[str, str]:
@@ -54,12 +54,6 @@ def ray_address_choice(cfg: RayConfig | None = None) -> tuple[Optional[str], str
 GCS_PORT_ENV = "RAY_GCS_SERVER_PORT"  # read by Ray when it starts a head node (ray._private.node)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
 def init_ray(cfg: RayConfig | None = None, **kwargs) -> None:
     """Join the cluster the user named (``ray_address_choice``) or start a fresh local one, and
     say which in one line on stderr. A no-op if Ray is already initialised in this process."""
@@ -87,7 +81,7 @@ def init_ray(cfg: RayConfig | None = None, **kwargs) -> None:
     # the controller is unknown, so the cleaner took it for dead. The GCS port is chosen up front
     # and every worker gets the address through the job's runtime_env.
     exported = os.environ.get(GCS_PORT_ENV)
-    port = int(exported) if exported else _free_port()
+    port = int(exported) if exported else free_port()
     own = f"{ray.util.get_node_ip_address()}:{port}"
     runtime_env = dict(kwargs.pop("runtime_env", None) or {})
     runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), "RAY_ADDRESS": own}
@@ -95,7 +89,7 @@ def init_ray(cfg: RayConfig | None = None, **kwargs) -> None:
     try:
         # Ray's dashboard head (which serves the state API) starts without the UI too, on port 8265
         # unless told otherwise: a `ray start` cluster's dashboard there would answer for this one
-        kwargs.setdefault("dashboard_port", _free_port())
+        kwargs.setdefault("dashboard_port", free_port())
         ray.init(address="local", num_cpus=cfg.num_cpus, namespace=cfg.namespace, include_dashboard=False,
                  runtime_env=runtime_env, **kwargs)
     finally:

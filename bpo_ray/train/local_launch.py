@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 from typing import Iterator, Mapping
+
+from bpo_ray.localcluster import free_port
 
 
 class LauncherError(RuntimeError):
@@ -38,42 +39,23 @@ def check_single_process() -> None:
                            "for several workers use train.launcher=ray_train")
 
 
-def _free_loopback_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _set_torch_threads(threads: int) -> None:
-    """``torch.set_num_threads``, checked. vLLM's in-process CPU engine replaces
-    ``torch.set_num_threads`` with a no-op for the rest of the process (its thread binding), which
-    would leave this run on another thread count, so other bits, silently: torch's own builtin is
-    used then."""
-    import torch
-
-    torch.set_num_threads(threads)
-    if torch.get_num_threads() != threads:
-        torch._C.set_num_threads(threads)
-    if torch.get_num_threads() != threads:
-        raise LauncherError(f"cannot set torch's intra-op threads to {threads} in this process "
-                            f"(it runs {torch.get_num_threads()}); run the stage in a process of its own")
-
-
 @contextlib.contextmanager
 def torch_threads(threads: int) -> Iterator[None]:
     """torch computes with ``threads`` intra-op threads within this context, as a Ray worker that
     reserves that many CPUs does (Ray sets its ``OMP_NUM_THREADS``); restored afterwards."""
     import torch
 
+    from bpo_ray.numerics import set_threads
+
     before = torch.get_num_threads()
     if before == threads:
         yield
         return
-    _set_torch_threads(threads)
+    set_threads(threads)
     try:
         yield
     finally:
-        _set_torch_threads(before)
+        set_threads(before)
 
 
 @contextlib.contextmanager
@@ -97,7 +79,7 @@ def local_worker(extra: Mapping[str, str] = (), threads: int = 1, use_gpu: bool 
         raise LauncherError("train.launcher=local: this process already has a torch.distributed process group")
     wanted = {k: v for k, v in dict(extra).items() if k not in os.environ}
     wanted.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                  MASTER_PORT=str(_free_loopback_port()))
+                  MASTER_PORT=str(free_port()))
     before = {k: os.environ.get(k) for k in wanted}
     os.environ.update(wanted)
     try:

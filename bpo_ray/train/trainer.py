@@ -34,7 +34,7 @@ from bpo_ray import numerics, storage
 from bpo_ray.config import BPOConfig
 from bpo_ray.config.shared import ModelsConfig, NumericsConfig
 from bpo_ray.config.train import LoraConfig, TrainConfig
-from bpo_ray.raycluster import worker_env, worker_runtime_env
+from bpo_ray.raycluster import worker_runtime_env
 from bpo_ray.schemas import Manifest, ManifestCounts, library_versions, read_manifest
 from bpo_ray.train.data import (PairsError, PreparedPairs, pairs_location, read_pairs, select_pairs,
                                 write_training_data)
@@ -190,8 +190,8 @@ def run_training(cfg: BPOConfig, pairs_uri: str, out_uri: str) -> TrainResult:
     }
     fit_started = time.perf_counter()
     if local:  # this process is the one worker: no Ray (bpo_ray.train.local_launch)
-        with timeline.phase("driver.fit"), local_worker({**worker_env(cfg.numerics), **_worker_extra_env()}, threads=1,
-                                                        use_gpu=train.use_gpu):
+        worker_vars = worker_runtime_env(cfg.numerics, **_worker_extra_env())["env_vars"]
+        with timeline.phase("driver.fit"), local_worker(worker_vars, threads=1, use_gpu=train.use_gpu):
             session = LocalSession(out_uri, train.checkpoints_to_keep, train.use_gpu)
             worker_json = train_loop_per_worker(config, session)
         final_metrics = session.last_metrics
