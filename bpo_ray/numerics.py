@@ -3,7 +3,7 @@
 PyTorch, oneDNN and MKL pick their kernels from the CPU's vector ISA at run time. Machines of
 one kind differ (some AVX2 only, some AVX-512), the kernels round differently, and a long CPU
 training run amplifies those last bits into a different model (measured: the default world's
-base model had CHAIR_i 0.436 with AVX-512 kernels, 0.195 with AVX2 ones; docs/reproducibility.md).
+base model had CHAIR_i 0.436 with AVX-512 kernels, 0.195 with AVX2 ones; docs/science.md).
 
 ``numerics.cpu_isa: avx2`` (the embedded default) makes every process of a stage use the AVX2
 kernels, which every x86-64 machine of the kind has, through three environment variables:
@@ -22,6 +22,13 @@ documents for every maker's CPUs, at about 2x the GEMM time. It is not yet check
 ``numerics.threads`` fixes the intra-op thread count where a stage runs one big process (the
 world recipe): ATen and MKL split reductions by thread, so the count is part of the numerics too.
 ``native`` (GPU clusters) leaves everything as the CPU offers it.
+
+Whatever the profile, :func:`check` first resolves MKL's vector-math (VML) dispatch in one thread
+(:func:`resolve_vml_dispatch`): PyTorch routes float unary ops (``sqrt``, ``exp``, ``log``...) to
+MKL VML, MKL picks each function's kernel lazily at its first call, and when that first call runs
+on several intra-op threads at once one thread's chunk can get another kernel (pytorch/pytorch
+#188792). Measured here: a fresh 2-thread process's first ``sqrt`` gave other bits in 3 of 12
+runs (docs/science.md, "A first-call race in MKL's vector math").
 """
 
 from __future__ import annotations
@@ -79,8 +86,29 @@ def check(cpu_isa: str, threads: Optional[int] = None, where: str = "this proces
                 f"{where} runs {capability} kernels, but numerics.cpu_isa={cpu_isa} asks for portable "
                 f"{CAPABILITY[cpu_isa].upper()} numerics; its environment lacks {missing}. Start it with those variables "
                 "(bpo-ray's stages pass them to every Ray worker), or set numerics.cpu_isa=native")
+    resolve_vml_dispatch()
     if threads:
         set_threads(int(threads))
+
+
+# The unary ops ATen may hand to MKL VML for float and double (aten/src/ATen/cpu/vml.h); calling
+# one that does not go to MKL costs microseconds and changes nothing.
+VML_OPS = ("abs", "acos", "asin", "atan", "ceil", "cos", "cosh", "erf", "erfc", "erfinv", "exp", "exp2",
+           "expm1", "floor", "lgamma", "log", "log10", "log1p", "log2", "neg", "reciprocal", "round",
+           "rsqrt", "sigmoid", "sin", "sinh", "sqrt", "tan", "tanh", "trunc")
+
+
+def resolve_vml_dispatch() -> None:
+    """Call every VML-routed unary op once on a one-element tensor (float and double), in this
+    thread, so that MKL resolves each function's kernel before intra-op threads can race to it
+    (pytorch/pytorch #188792: one thread's chunk of a process's first concurrent call can run
+    another kernel, so the same seed gives other bits in some runs). Idempotent, under 1 ms."""
+    import torch
+
+    for dtype in (torch.float32, torch.float64):
+        x = torch.full((1,), 0.5, dtype=dtype)
+        for name in VML_OPS:
+            getattr(torch, name)(x)
 
 
 def set_threads(threads: int) -> None:

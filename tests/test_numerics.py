@@ -20,9 +20,11 @@ from bpo_ray.config.shared import NumericsConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
+# A stage process: numerics.check (kernels, VML dispatch, threads), then a small 2-thread training run.
 TRAIN_SNIPPET = """
-import hashlib, torch
-torch.set_num_threads(2)
+import hashlib, os, torch
+from bpo_ray import numerics
+numerics.check("avx2", threads=2, where="the snippet")
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.LayerNorm(256), torch.nn.Linear(256, 64))
 opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -99,6 +101,28 @@ def test_same_bits_pinned_at_start_pinned_by_the_cli_and_in_a_ray_worker(ray_clu
                              .remote(TRAIN_SNIPPET))
     assert at_start.startswith("AVX2 ")
     assert at_start == late == worker
+
+
+FIRST_CALL_SNIPPET = """
+import torch
+from bpo_ray import numerics
+numerics.check("avx2", threads=2)
+torch.manual_seed(0)
+x = torch.rand(256, 64) * 1e-6
+first, second = x.sqrt(), x.sqrt()
+print(int((first != second).sum()))
+"""
+
+
+def test_check_resolves_mkl_vector_math_before_threads_race_to_it():
+    """A fresh process's first MKL VML call (here ``sqrt``), run on 2 intra-op threads at once, can
+    give one thread's chunk another kernel (pytorch/pytorch #188792). After ``numerics.check`` the
+    first call equals the second in every process. Without the warm-up in ``check``, 3 of 12
+    processes run one after another differed (1484 of 16384 values, all in the second thread's
+    half); processes run side by side rarely show it, so these run one at a time."""
+    env = {**_clean_env(), **numerics.env_vars("avx2")}
+    differing = [_run(FIRST_CALL_SNIPPET, env) for _ in range(12)]
+    assert differing == ["0"] * 12
 
 
 def test_worker_env_carries_storage_settings_and_the_pinning_but_no_secret(monkeypatch):

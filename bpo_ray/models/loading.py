@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from bpo_ray import storage
+from bpo_ray import numerics, storage
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -37,6 +37,7 @@ def load_mllm(uri: str, dtype: str = "float32", device: str = "auto", cache_dir:
     """Return ``(model, processor)`` for a LLaVA-architecture checkpoint, in eval mode."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+    numerics.resolve_vml_dispatch()  # before any multi-threaded op (pytorch/pytorch #188792)
     path = resolve_model_path(uri, cache_dir)
     model = LlavaForConditionalGeneration.from_pretrained(path, dtype=DTYPES[dtype])
     model.to(pick_device(device)).eval()
@@ -48,6 +49,7 @@ def load_text_lm(uri: str, dtype: str = "float32", device: str = "auto", cache_d
     """Return ``(model, tokenizer)`` for a causal LM checkpoint, in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    numerics.resolve_vml_dispatch()  # before any multi-threaded op (pytorch/pytorch #188792)
     path = resolve_model_path(uri, cache_dir)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
     model.to(pick_device(device)).eval()
