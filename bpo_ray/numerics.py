@@ -91,24 +91,29 @@ def check(cpu_isa: str, threads: Optional[int] = None, where: str = "this proces
         set_threads(int(threads))
 
 
-# The unary ops ATen may hand to MKL VML for float and double (aten/src/ATen/cpu/vml.h); calling
-# one that does not go to MKL costs microseconds and changes nothing.
-VML_OPS = ("abs", "acos", "asin", "atan", "ceil", "cos", "cosh", "erf", "erfc", "erfinv", "exp", "exp2",
-           "expm1", "floor", "lgamma", "log", "log10", "log1p", "log2", "neg", "reciprocal", "round",
-           "rsqrt", "sigmoid", "sin", "sinh", "sqrt", "tan", "tanh", "trunc")
+# The unary ops ATen hands to MKL VML for float and double when built with MKL (the
+# IMPLEMENT_VML_MKL list of aten/src/ATen/cpu/vml.h); the others run ATen's own vector code.
+VML_OPS = ("abs", "acos", "asin", "atan", "cos", "erf", "erfc", "exp", "expm1", "log", "log10", "log1p",
+           "log2", "sin", "sqrt", "tan", "tanh", "trunc")
+_vml_resolved = False
 
 
 def resolve_vml_dispatch() -> None:
     """Call every VML-routed unary op once on a one-element tensor (float and double), in this
     thread, so that MKL resolves each function's kernel before intra-op threads can race to it
     (pytorch/pytorch #188792: one thread's chunk of a process's first concurrent call can run
-    another kernel, so the same seed gives other bits in some runs). Idempotent, under 1 ms."""
+    another kernel, so the same seed gives other bits in some runs). Idempotent, under 1 ms;
+    it pages in MKL's vector-math code, 6-9 MB of RSS, most of which a run using them pays anyway."""
+    global _vml_resolved
+    if _vml_resolved:
+        return
     import torch
 
     for dtype in (torch.float32, torch.float64):
         x = torch.full((1,), 0.5, dtype=dtype)
         for name in VML_OPS:
             getattr(torch, name)(x)
+    _vml_resolved = True
 
 
 def set_threads(threads: int) -> None:
