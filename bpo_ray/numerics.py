@@ -34,6 +34,7 @@ runs (docs/science.md, "A first-call race in MKL's vector math").
 from __future__ import annotations
 
 import os
+import re
 from typing import Optional
 
 PORTABLE_ENV: dict[str, dict[str, str]] = {
@@ -145,9 +146,28 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def library_versions() -> dict[str, str]:
+    """The versions of the libraries whose kernels compute: torch, and the MKL and oneDNN it was
+    built with (from ``torch.__config__.show()``; MKL 2024.2 has the VML first-call race that
+    :func:`resolve_vml_dispatch` works around, later ones do not)."""
+    import torch
+
+    found = {"torch": torch.__version__}
+    for line in torch.__config__.show().splitlines():
+        line = line.strip().lstrip("- ")
+        if "Math Kernel Library Version" in line:
+            found["mkl"] = line.split("Version", 1)[1].split(" for ")[0].strip()
+        elif "MKL-DNN" in line or "oneDNN" in line:
+            version = re.search(r"\bv(\d+(?:\.\d+)+)", line)
+            found["onednn"] = version.group(1) if version else line
+    return found
+
+
 def describe(cpu_isa: str, threads: Optional[int]) -> dict[str, object]:
     """What a manifest records about the numerics of a run: the profile, the kernels PyTorch runs,
-    the pinning variables and the CPU (MKL's ``MKL_CBWR=AVX2`` branch exists on Intel CPUs only;
-    elsewhere MKL runs its AUTO branch, so the CPU's maker is part of the numerics)."""
+    the pinning variables, the CPU (MKL's ``MKL_CBWR=AVX2`` branch exists on Intel CPUs only;
+    elsewhere MKL runs its AUTO branch, so the CPU's maker is part of the numerics) and the kernel
+    libraries' versions."""
     return {"cpu_isa": cpu_isa, "threads": threads, "capability": active_capability(),
-            "env": {k: os.environ.get(k) for k in PORTABLE_ENV["avx2"]}, "cpu": cpu_model()}
+            "env": {k: os.environ.get(k) for k in PORTABLE_ENV["avx2"]}, "cpu": cpu_model(),
+            "libraries": library_versions()}

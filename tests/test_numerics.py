@@ -134,3 +134,18 @@ def test_worker_env_carries_storage_settings_and_the_pinning_but_no_secret(monke
     assert env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9" and env["ATEN_CPU_CAPABILITY"] == "avx2"
     assert "AWS_SECRET_ACCESS_KEY" not in env
     assert "ATEN_CPU_CAPABILITY" not in worker_env(NumericsConfig(cpu_isa="native"))
+
+
+def test_describe_names_the_kernel_libraries_a_run_computed_with():
+    """The manifest names torch and the MKL and oneDNN builds inside it: MKL 2024.2 has the
+    first-call race above, so the version is part of what a reader needs to compare runs."""
+    import re
+
+    import torch
+
+    libraries = numerics.describe("native", 1)["libraries"]
+    assert libraries["torch"] == torch.__version__
+    if torch.backends.mkl.is_available():
+        assert re.match(r"20\d\d\.\d", libraries["mkl"]), libraries
+    if torch.backends.mkldnn.is_available():
+        assert re.fullmatch(r"\d+(\.\d+)+", libraries["onednn"]), libraries
