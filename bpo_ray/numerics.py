@@ -121,9 +121,12 @@ def set_threads(threads: int) -> None:
     """``torch.set_num_threads``, checked: the thread count is part of the numerics (ATen and MKL
     split reductions by thread). vLLM's in-process CPU engine replaces ``torch.set_num_threads``
     with a no-op for the rest of the process (its thread binding), which would leave the process on
-    another count, so other bits, silently: torch's own builtin is used then."""
+    another count, so other bits, silently: torch's own builtin is used then. Going to more than
+    one thread resolves MKL's vector-math dispatch first (:func:`resolve_vml_dispatch`)."""
     import torch
 
+    if threads > 1:
+        resolve_vml_dispatch()
     torch.set_num_threads(threads)
     if torch.get_num_threads() != threads:
         torch._C.set_num_threads(threads)
