@@ -149,10 +149,10 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def library_versions() -> dict[str, str]:
-    """The versions of the libraries whose kernels compute: torch, and the MKL and oneDNN it was
-    built with (from ``torch.__config__.show()``; MKL 2024.2 has the VML first-call race that
-    :func:`resolve_vml_dispatch` works around, later ones do not)."""
+def kernel_libraries() -> dict[str, str]:
+    """torch's version and the MKL and oneDNN builds inside it (``torch.__config__.show()``), which
+    the package versions of ``schemas.library_versions`` do not show: MKL 2024.2 has the VML
+    first-call race that :func:`resolve_vml_dispatch` works around, later ones do not."""
     import torch
 
     found = {"torch": torch.__version__}
@@ -173,4 +173,4 @@ def describe(cpu_isa: str, threads: Optional[int]) -> dict[str, object]:
     libraries' versions."""
     return {"cpu_isa": cpu_isa, "threads": threads, "capability": active_capability(),
             "env": {k: os.environ.get(k) for k in PORTABLE_ENV["avx2"]}, "cpu": cpu_model(),
-            "libraries": library_versions()}
+            "libraries": kernel_libraries()}

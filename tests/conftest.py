@@ -7,7 +7,6 @@ offline. Engines and clusters are shared so the suite stays well under CI's budg
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import time
 
@@ -26,6 +25,7 @@ os.environ.setdefault("BPO_JUDGE_TOKEN", "bpo-test-suite-client")
 # The embedded default's portable numerics (configs/tiny.yaml: numerics.cpu_isa avx2), set before
 # torch is imported: this process, the session's Ray cluster and its workers all run AVX2 kernels.
 from bpo_ray import numerics  # noqa: E402  (imports no torch)
+from bpo_ray.localcluster import free_port  # noqa: E402,F401  (the tests' free loopback port)
 
 numerics.pin("avx2")
 
@@ -50,12 +50,6 @@ def _process_state_restored():
     torch = sys.modules.get("torch")
     if torch is not None and getattr(torch, "set_num_threads", None) is not (setter or torch._C.set_num_threads):
         torch.set_num_threads = setter or torch._C.set_num_threads
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.5):

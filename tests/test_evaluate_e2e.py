@@ -145,16 +145,13 @@ def servers(ray_cluster, tiny_models, world, tmp_path_factory):
         started = time.perf_counter()
         urls = start_serving(cfg)
         print(f"\nserve stack up in {time.perf_counter() - started:.1f}s")
-        previous_token = os.environ.get("BPO_JUDGE_TOKEN")
-        os.environ["BPO_JUDGE_TOKEN"] = CLIENT_TOKEN  # the evaluate driver's own credential
-        try:
-            yield {"model": urls.model, "judge": urls.judge, "judge_app": judge}
-        finally:
-            if previous_token is None:  # as it was: the suite default (conftest) stays for later modules
-                os.environ.pop("BPO_JUDGE_TOKEN", None)
-            else:
-                os.environ["BPO_JUDGE_TOKEN"] = previous_token
-            serve.shutdown()
+        # set for the module, then as it was (the suite default from conftest stays for later modules)
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("BPO_JUDGE_TOKEN", CLIENT_TOKEN)  # the evaluate driver's own credential
+            try:
+                yield {"model": urls.model, "judge": urls.judge, "judge_app": judge}
+            finally:
+                serve.shutdown()
 
 
 def _config(world_dir: str, *overrides: str):

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # A stage process: numerics.check (kernels, VML dispatch, threads), then a small 2-thread training run.
 TRAIN_SNIPPET = """
-import hashlib, os, torch
+import hashlib, torch
 from bpo_ray import numerics
 numerics.check("avx2", threads=2, where="the snippet")
 torch.manual_seed(0)

@@ -57,16 +57,13 @@ def servers(ray_cluster, tiny_models, world, tmp_path_factory):
             f"serve.judge.upstream_base_url={annotator_url}", "serve.judge.upstream_key_env=BPO_TEST_WJ_NO_KEY",
             f"serve.judge.client_tokens_env={TOKENS_ENV}", f"serve.judge.cache_path={tmp / 'judge.sqlite'}"])
         urls = start_serving(cfg)
-        previous_token = os.environ.get("BPO_JUDGE_TOKEN")
-        os.environ["BPO_JUDGE_TOKEN"] = CLIENT_TOKEN
-        try:
-            yield {"model": urls.model, "judge": urls.judge}
-        finally:
-            if previous_token is None:  # as it was: the suite default (conftest) stays for later modules
-                os.environ.pop("BPO_JUDGE_TOKEN", None)
-            else:
-                os.environ["BPO_JUDGE_TOKEN"] = previous_token
-            serve.shutdown()
+        # set for the module, then as it was (the suite default from conftest stays for later modules)
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("BPO_JUDGE_TOKEN", CLIENT_TOKEN)
+            try:
+                yield {"model": urls.model, "judge": urls.judge}
+            finally:
+                serve.shutdown()
 
 
 def _items(model_dir: Path) -> list[dict]:
