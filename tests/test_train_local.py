@@ -6,7 +6,8 @@ reference scorer in the calling process, without Ray.
 - A local run keeps its checkpoints itself (the newest ``checkpoints_to_keep``, locally and on a
   loopback S3 server).
 - A local run whose process dies resumes when the command runs again, to the same adapter.
-- A local run imports nothing of Ray.
+- A local run imports nothing of Ray, nor pandas and triton (``lean_imports``), and keeping
+  those two out changes no bit.
 - Bad set-ups are refused before any work: several workers, a torchrun world, unpinned kernels.
 """
 
@@ -186,24 +187,58 @@ def test_both_launchers_train_the_same_bits(launcher_runs):
     assert "driver.ray_init_s" not in timings and "ray_init_s" not in timings
 
 
-@pytest.mark.slow
-def test_a_local_run_imports_nothing_of_ray(tiny_models, pairs, tmp_path):
-    """Training and the reference pass with the local launchers, in a fresh process: no Ray module is
-    ever imported (Ray Train's imports, Ray Data and pandas among them, are ~100 MB per process)."""
-    code = ("import json, sys; from bpo_ray.config import load_config; from bpo_ray.train.trainer import run_training; "
-            "from bpo_ray.train.reference import run_reference; "
+def _local_run_in_a_fresh_process(tiny_models, pairs, out, preimport: str = "") -> dict:
+    """The reference pass and 2 training steps with the local launchers, in a fresh process (after
+    ``preimport``, Python run first); the process's imports when they are done."""
+    code = (f"{preimport}\nimport json, sys; from bpo_ray.config import load_config; "
+            "from bpo_ray.train.trainer import run_training; from bpo_ray.train.reference import run_reference; "
             f"cfg = load_config('tiny', {_overrides(tiny_models, 'train.launcher=local', 'reference.launcher=local', 'train.max_steps=2')!r}); "
-            f"run_reference(cfg, {pairs!r}, {str(tmp_path / 'ref')!r}); "
-            f"r = run_training(cfg, {str(tmp_path / 'ref')!r}, {str(tmp_path / 'out')!r}); "
+            f"run_reference(cfg, {pairs!r}, {str(out / 'ref')!r}); "
+            f"r = run_training(cfg, {str(out / 'ref')!r}, {str(out / 'out')!r}); "
             "print('RESULT', json.dumps({'steps': r.steps, 'reference': r.reference, "
-            "'ray': sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.'))}))")
+            "'ray': sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')), "
+            "'pandas': 'pandas' in sys.modules, 'triton': sys.modules.get('triton') is not None}))")
     from bpo_ray import numerics
 
     env = {**os.environ, **numerics.env_vars("avx2")}
     proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))[len("RESULT "):])
-    assert result == {"steps": 2, "reference": "precomputed", "ray": []}
+    return json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))[len("RESULT "):])
+
+
+@pytest.fixture(scope="module")
+def lean_and_full_runs(tiny_models, pairs, tmp_path_factory) -> dict:
+    """The same local run twice: as it runs (lean: pandas and triton kept out), and in a process
+    that imported pandas and triton before (so nothing is kept out)."""
+    out = {"lean": tmp_path_factory.mktemp("lean_run"), "full": tmp_path_factory.mktemp("full_run")}
+    out["lean_result"] = _local_run_in_a_fresh_process(tiny_models, pairs, out["lean"])
+    out["full_result"] = _local_run_in_a_fresh_process(
+        tiny_models, pairs, out["full"], "import importlib.util, pandas\n"
+        "if importlib.util.find_spec('triton'): import triton")
+    return out
+
+
+@pytest.mark.slow
+def test_a_local_run_imports_nothing_of_ray_nor_pandas_nor_triton(lean_and_full_runs):
+    """No Ray module is ever imported (Ray Train's imports, Ray Data and pandas among them, are
+    ~100 MB per process); nor pandas and triton, which the run never uses (``lean_imports``)."""
+    assert lean_and_full_runs["lean_result"] == {"steps": 2, "reference": "precomputed", "ray": [], "pandas": False,
+                                                 "triton": False}
+
+
+@pytest.mark.slow
+def test_keeping_pandas_and_triton_out_changes_no_bit(lean_and_full_runs):
+    import importlib.util
+
+    lean, full = lean_and_full_runs["lean"], lean_and_full_runs["full"]
+    assert lean_and_full_runs["full_result"] == {"steps": 2, "reference": "precomputed", "ray": [], "pandas": True,
+                                                 "triton": importlib.util.find_spec("triton") is not None}
+    assert _same_bits(_tensors(str(lean / "out" / "adapter")), _tensors(str(full / "out" / "adapter")))
+    assert read_metrics(str(lean / "out" / "metrics.jsonl"))[-1]["loss"] == \
+        read_metrics(str(full / "out" / "metrics.jsonl"))[-1]["loss"]
+    scored = [pq.read_table(str(run / "ref" / "pairs")).sort_by("id").select(["ref_chosen_logp", "ref_rejected_logp"])
+              for run in (lean, full)]
+    assert scored[0].equals(scored[1])
 
 
 @pytest.mark.slow

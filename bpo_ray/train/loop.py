@@ -29,6 +29,7 @@ from bpo_ray.config.train import TrainConfig
 from bpo_ray.train.checkpoint import DS_TAG, TrainState, download_dir, load_adapter_weights, resume_point, save_adapter
 from bpo_ray.train.collectives import all_reduce_max, all_reduce_sum, broadcast
 from bpo_ray.train.data import PairShare, TrainData, epoch_share, total_samples
+from bpo_ray.train.lean_imports import lean_process
 from bpo_ray.train.logprobs import collate_pairs, forward_logps
 from bpo_ray.train.lora import apply_lora, reference_model
 from bpo_ray.train.losses import PreferenceLoss, dpo_with_sft, sft_loss
@@ -122,7 +123,13 @@ def train_loop_per_worker(config: dict[str, Any], session: Optional[Any] = None)
     calls it in its own process with a ``LocalSession`` (``bpo_ray.train.session``).
 
     Returns this worker's ``Timeline`` (JSON): where its wall time went (Ray Train hands rank 0's
-    to the driver as ``Result.return_value``)."""
+    to the driver as ``Result.return_value``). The worker runs without the packages it would
+    import and never use (``lean_imports``: triton on a CPU, pandas where not imported yet)."""
+    with lean_process(use_gpu=bool(config["train"].get("use_gpu", False))):
+        return _train_loop(config, session)
+
+
+def _train_loop(config: dict[str, Any], session: Optional[Any]) -> list[list]:
     timeline = Timeline()
     loop_started, loop_cpu = time.time(), time.process_time()
     created = process_start_time()

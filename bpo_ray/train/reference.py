@@ -245,6 +245,17 @@ def run_reference(cfg: BPOConfig, pairs_uri: str, out_uri: str, timeline: Option
     """Score every pair at ``pairs_uri`` with the base model; write ``out_uri/pairs`` + manifest.
 
     ``timeline`` (optional) gets the driver's phases; the manifest's timings hold them too."""
+    if cfg.reference.launcher != "local":
+        return _run_reference(cfg, pairs_uri, out_uri, timeline)
+    from bpo_ray.models.loading import pick_device
+    from bpo_ray.train.lean_imports import lean_process
+
+    # this process scores: without the packages it would import and never use (lean_imports)
+    with lean_process(use_gpu=pick_device(cfg.models.device).type == "cuda"):
+        return _run_reference(cfg, pairs_uri, out_uri, timeline)
+
+
+def _run_reference(cfg: BPOConfig, pairs_uri: str, out_uri: str, timeline: Optional[Timeline]) -> Manifest:
     from bpo_ray.models.ensure import ensure_models
     from bpo_ray.raycluster import check_cluster_can_write, init_ray, worker_runtime_env
 

@@ -40,6 +40,7 @@ from bpo_ray.train.data import (PairsError, PreparedPairs, pairs_location, read_
                                 write_training_data)
 from bpo_ray.train.checkpoint import CHECKPOINTS_DIR
 from bpo_ray.train.local_launch import check_single_process, local_worker
+from bpo_ray.train.lean_imports import lean_process
 from bpo_ray.train.loop import FAIL_AT_STEP_ENV, train_loop_per_worker
 from bpo_ray.train.lora import resolve_targets
 from bpo_ray.train.plots import plot_logps, read_metrics
@@ -132,8 +133,16 @@ def _run_config(train: TrainConfig, out_uri: str, numerics_cfg: Optional[Numeric
 
 def run_training(cfg: BPOConfig, pairs_uri: str, out_uri: str) -> TrainResult:
     """Train (DPO or SFT per ``cfg.train.mode``) on the pairs at ``pairs_uri``; outputs go to ``out_uri``."""
-    timeline = Timeline()
     entered, entered_cpu = time.time(), time.process_time()
+    if cfg.train.launcher != "local":
+        return _run_training(cfg, pairs_uri, out_uri, entered, entered_cpu)
+    # this process trains: without the packages it would import and never use (lean_imports)
+    with lean_process(use_gpu=cfg.train.use_gpu):
+        return _run_training(cfg, pairs_uri, out_uri, entered, entered_cpu)
+
+
+def _run_training(cfg: BPOConfig, pairs_uri: str, out_uri: str, entered: float, entered_cpu: float) -> TrainResult:
+    timeline = Timeline()
     local = cfg.train.launcher == "local"
     if not local:  # the local launcher runs without Ray (bpo_ray.train.local_launch)
         import ray.train  # noqa: F401  (Ray Train's import, timed with the driver's others)
