@@ -562,6 +562,32 @@ def test_image_loading_fuses_into_cpu_actor_pools_only():
     assert image_loading_args(cfg, None, None) == {"num_cpus": cfg.generate.io_num_cpus}
 
 
+def test_pair_building_tasks_are_capped_and_kept_out_of_the_plan(ray_cluster):
+    """``generate.outcome_tasks`` caps the build_outcomes tasks in flight (1 by default): each
+    further one makes Ray start a worker process (~1 CPU-s) while the model stages need the CPUs
+    (docs/generate.md, session 22). The tasks carry the stage workers' runtime env, so they can run
+    in a worker an earlier stage started. A runtime setting: a resumed run may change it."""
+    from bpo_ray.config import load_config
+    from bpo_ray.generate.ingest import SourceIndex
+    from bpo_ray.generate.pipeline import _plan, generation_stages
+    from bpo_ray.raycluster import worker_runtime_env
+
+    for n in (1, 3):
+        cfg = load_config("tiny", ["generate.strategies=[image_weakened]", f"generate.outcome_tasks={n}"])
+        last = generation_stages(ray_cluster.data.from_items([{"a": 1}]), cfg)._logical_plan.dag
+        assert last.name == "MapBatches(build_outcomes)"
+        assert last.compute.size == n
+        assert last.ray_remote_args["runtime_env"] == worker_runtime_env(cfg.numerics)
+    assert load_config("tiny", []).generate.outcome_tasks == 1
+    with pytest.raises(Exception, match="outcome_tasks"):
+        load_config("tiny", ["generate.outcome_tasks=0"])
+    index = SourceIndex(source="s.jsonl", files=["s.jsonl"], chunks=[], chunk_items=[], chunk_lines=[],
+                        chunk_sha256=[], n_source_items=0, keep=None, n_items=0, chunk_bytes=1 << 23,
+                        max_text_chars=20000)
+    plans = [_plan(load_config("tiny", [f"generate.outcome_tasks={n}"]), "s.jsonl", None, index) for n in (1, 4)]
+    assert plans[0] == plans[1] and "outcome_tasks" not in plans[0]["generate"]
+
+
 def test_pair_building_batches_stay_within_a_shard():
     from bpo_ray.config import load_config
     from bpo_ray.generate.pipeline import outcome_batch_rows

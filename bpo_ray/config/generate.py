@@ -212,6 +212,11 @@ class GenerateConfig(StrictModel):
         None, ge=1, description="a uniform sample of N items from the whole source, seeded by `seed` and kept in "
         "source order: a small run that still spreads over every image (unlike max_items' first N)")
     io_num_cpus: float = Field(0.25, ge=0, description="CPUs per image-loading / pair-building task")
+    outcome_tasks: int = Field(
+        1, ge=1, description="pair-building (build_outcomes) tasks at once. One task builds and filters a shard's "
+        "pairs in a few ms (~4,000 rows/s); each further task in flight makes Ray start a worker process (~1 "
+        "CPU-s) while the model stages need the CPUs (docs/generate.md, session 22). Raise it only where pairs "
+        "arrive faster than one task keeps up with")
     progress: bool = True
     sampler: SamplerConfig = SamplerConfig()
     injector: InjectorConfig = InjectorConfig()

@@ -38,7 +38,7 @@ from bpo_ray.schemas import Manifest, library_versions, write_manifest
 
 IMAGE_STRATEGIES = ("image_weakened", "judge_ranked", "on_policy")
 # Settings that may change between a run and its resume (they do not change what is generated).
-RUNTIME_ONLY = ("progress", "io_num_cpus", "ingest")
+RUNTIME_ONLY = ("progress", "io_num_cpus", "outcome_tasks", "ingest")
 
 
 # Groups of work per actor below which a pool does not start another actor up front (model
@@ -256,8 +256,10 @@ def generation_stages(ds, cfg: BPOConfig, synonyms: Optional[dict[str, str]] = N
                 models.text_llm, _model_source(models.text_llm), inj.sampling, gen.seed, inj.pool, keep,
                 inj.engine_kwargs, cache_dir=models.cache_dir, io_num_cpus=gen.io_num_cpus, runtime_env=runtime_env)
             ds = processor(ds)
+    # at most outcome_tasks at once: each further one in flight makes Ray start a worker process
     return ds.map_batches(build_outcomes, fn_kwargs=dict(strategies=strategies, filters=gen.filters.model_dump()),
-                          batch_size=outcome_batch_rows(cfg), num_cpus=gen.io_num_cpus)
+                          batch_size=outcome_batch_rows(cfg), num_cpus=gen.io_num_cpus,
+                          compute=ray.data.TaskPoolStrategy(size=gen.outcome_tasks), runtime_env=runtime_env)
 
 
 def _consume(ds, store: ShardStore, expected: dict[int, int], progress: bool) -> None:
