@@ -15,9 +15,9 @@
 per-step overheads, starts to dominate and continuous batching matters); the vision tower is
 the same small CLIP in both.
 
-The default 768 items make the throughput, not the pipeline's fixed start (Ray Data plan, actor
-start, model load: 5-10 s), decide the pipeline-vs-loop ratio: at 96 items the same machine gives
-0.53x, at 768 items 1.43x (2 cores, 2 sampler actors against one process).
+The pipeline's fixed start (scan, Ray Data plan, actor start and model load: about 8.6 s at 768
+items on 2 cores) decides the pipeline-vs-loop ratio of short runs: 0.53x at 96 items, 2.11x at
+768 and 3.92x at 3072 (2 cores, 2 sampler actors against one process; docs/generate.md).
 
 Pipeline times are end to end (``run_generate``: source read, actor start and model load,
 generation, shard commits), and so is the loop's (model load included). The tiny models are
