@@ -7,8 +7,11 @@ offline. Engines and clusters are shared so the suite stays well under CI's budg
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
+from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -26,6 +29,8 @@ os.environ.setdefault("BPO_JUDGE_TOKEN", "bpo-test-suite-client")
 # torch is imported: this process, the session's Ray cluster and its workers all run AVX2 kernels.
 from bpo_ray import numerics  # noqa: E402  (imports no torch)
 from bpo_ray.localcluster import free_port  # noqa: E402,F401  (the tests' free loopback port)
+
+REPO = Path(__file__).resolve().parents[1]
 
 numerics.pin("avx2")
 
@@ -50,6 +55,15 @@ def _process_state_restored():
     torch = sys.modules.get("torch")
     if torch is not None and getattr(torch, "set_num_threads", None) is not (setter or torch._C.set_num_threads):
         torch.set_num_threads = setter or torch._C.set_num_threads
+
+
+def python_last_line(code: str, env: Optional[dict[str, str]] = None, timeout_s: float = 300) -> str:
+    """Run ``code`` in a fresh interpreter (in the checkout, with ``env`` or this process's
+    environment), assert it succeeded, and return the last line it printed."""
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout_s)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.strip().splitlines()[-1]
 
 
 def wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.5):

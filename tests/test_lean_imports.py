@@ -9,20 +9,16 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import python_last_line
+
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def _run(code: str) -> dict:
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(python_last_line(code))
 
 
 def test_pyarrow_works_without_importing_pandas_and_pandas_stays_importable(tmp_path):

@@ -17,6 +17,7 @@ import pytest
 
 from bpo_ray import numerics
 from bpo_ray.config.shared import NumericsConfig
+from conftest import python_last_line
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,12 +38,6 @@ print(torch.backends.cpu.get_cpu_capability(), hashlib.sha256(b"".join(p.detach(
 
 def _clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in numerics.PORTABLE_ENV["avx2"]}
-
-
-def _run(code: str, env: dict[str, str]) -> str:
-    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout.strip().splitlines()[-1]
 
 
 def test_env_vars_name_the_three_kernel_libraries():
@@ -87,8 +82,8 @@ def test_the_cli_pins_the_configs_kernels_before_the_stage_computes():
 
 def test_same_bits_pinned_at_start_pinned_by_the_cli_and_in_a_ray_worker(ray_cluster):
     """One small training run, three ways a stage process can come to its kernels."""
-    at_start = _run(TRAIN_SNIPPET, {**_clean_env(), **numerics.env_vars("avx2")})
-    late = _run("from bpo_ray.cli import pin_numerics_early\npin_numerics_early(['--config', 'tiny'])\n" + TRAIN_SNIPPET,
+    at_start = python_last_line(TRAIN_SNIPPET, {**_clean_env(), **numerics.env_vars("avx2")})
+    late = python_last_line("from bpo_ray.cli import pin_numerics_early\npin_numerics_early(['--config', 'tiny'])\n" + TRAIN_SNIPPET,
                 _clean_env())
     from bpo_ray.raycluster import worker_runtime_env
 
@@ -121,7 +116,7 @@ def test_check_resolves_mkl_vector_math_before_threads_race_to_it():
     processes run one after another differed (1484 of 16384 values, all in the second thread's
     half); processes run side by side rarely show it, so these run one at a time."""
     env = {**_clean_env(), **numerics.env_vars("avx2")}
-    differing = [_run(FIRST_CALL_SNIPPET, env) for _ in range(12)]
+    differing = [python_last_line(FIRST_CALL_SNIPPET, env) for _ in range(12)]
     assert differing == ["0"] * 12
 
 

@@ -35,15 +35,15 @@ from typing import Iterator
 
 
 @contextlib.contextmanager
-def absent(name: str) -> Iterator[bool]:
+def absent(name: str) -> Iterator[None]:
     """Within this context ``import <name>`` fails as if the package were not installed, unless it
-    is imported already. Yields whether it is marked absent; the mark is removed afterwards."""
-    if name in sys.modules:  # imported, or marked by an enclosing context
-        yield False
+    is imported already (or marked by an enclosing context). The mark is removed afterwards."""
+    if name in sys.modules:
+        yield
         return
     sys.modules[name] = None  # type: ignore[assignment]  (Python's "import halted" mark)
     try:
-        yield True
+        yield
     finally:
         if name in sys.modules and sys.modules[name] is None:
             del sys.modules[name]

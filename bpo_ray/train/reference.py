@@ -21,6 +21,7 @@ manifest's timings split the driver's wall into phases (``read_pairs``, ``check_
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -245,13 +246,12 @@ def run_reference(cfg: BPOConfig, pairs_uri: str, out_uri: str, timeline: Option
     """Score every pair at ``pairs_uri`` with the base model; write ``out_uri/pairs`` + manifest.
 
     ``timeline`` (optional) gets the driver's phases; the manifest's timings hold them too."""
-    if cfg.reference.launcher != "local":
-        return _run_reference(cfg, pairs_uri, out_uri, timeline)
     from bpo_ray.models.loading import pick_device
     from bpo_ray.train.lean_imports import lean_process
 
-    # this process scores: without the packages it would import and never use (lean_imports)
-    with lean_process(use_gpu=pick_device(cfg.models.device).type == "cuda"):
+    # with the local launcher this process scores: without the packages it would import and never use
+    with lean_process(use_gpu=pick_device(cfg.models.device).type == "cuda") if cfg.reference.launcher == "local" \
+            else contextlib.nullcontext():
         return _run_reference(cfg, pairs_uri, out_uri, timeline)
 
 

@@ -23,6 +23,7 @@ Submitting the same job again (same ``out``) continues from the latest checkpoin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -134,10 +135,8 @@ def _run_config(train: TrainConfig, out_uri: str, numerics_cfg: Optional[Numeric
 def run_training(cfg: BPOConfig, pairs_uri: str, out_uri: str) -> TrainResult:
     """Train (DPO or SFT per ``cfg.train.mode``) on the pairs at ``pairs_uri``; outputs go to ``out_uri``."""
     entered, entered_cpu = time.time(), time.process_time()
-    if cfg.train.launcher != "local":
-        return _run_training(cfg, pairs_uri, out_uri, entered, entered_cpu)
-    # this process trains: without the packages it would import and never use (lean_imports)
-    with lean_process(use_gpu=cfg.train.use_gpu):
+    # with the local launcher this process trains: without the packages it would import and never use
+    with lean_process(use_gpu=cfg.train.use_gpu) if cfg.train.launcher == "local" else contextlib.nullcontext():
         return _run_training(cfg, pairs_uri, out_uri, entered, entered_cpu)
 
 
