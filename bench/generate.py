@@ -5,7 +5,12 @@
    build the pair) with the same model, sampling and filters;
 2. the pipeline with the vLLM backend (``enable_mm_embeds``) against the transformers backend;
 3. the cost of noisy against clean sampling: the same batches generated from noised and from
-   clean features, in process, on both backends.
+   clean features, in process, on both backends;
+4. the pipeline's floor at this item count: the same transformers pipeline with 1-token answers
+   (everything but decoding: Ray Data, the scan, actor start and model load, image loading,
+   encoding, prefill, pair building, commits). No pipeline that decodes can beat it, so
+   ``loop s / floor s`` is the most the pipeline/loop ratio can reach at this size however fast
+   decoding gets (docs/generate.md, "Session 23"). Skipped with ``--no-loop``.
 
     .venv/bin/python bench/generate.py [--size tiny|larger] [--items 768] [--tokens 32] [--rounds 1] [--no-loop]
                                        [--out runs/bench/generate]
@@ -16,8 +21,9 @@ per-step overheads, starts to dominate and continuous batching matters); the vis
 the same small CLIP in both.
 
 The pipeline's fixed start (scan, Ray Data plan, actor start and model load: about 8.6 s at 768
-items on 2 cores) decides the pipeline-vs-loop ratio of short runs: 0.53x at 96 items, 2.11x at
-768 and 3.92x at 3072 (2 cores, 2 sampler actors against one process; docs/generate.md).
+items on 2 cores) decides the pipeline-vs-loop ratio of short runs: 0.53x at 96 items, 2.11-2.13x
+at 768 (the floor: at most 2.46x) and 3.92x at 3072 (2 cores, 2 sampler actors against one
+process; docs/generate.md).
 
 Pipeline times are end to end (``run_generate``: source read, actor start and model load,
 generation, shard commits), and so is the loop's (model load included). The tiny models are
@@ -175,12 +181,12 @@ def main() -> None:
     source = str(work / "world" / "train.jsonl")
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
 
-    def config(backend: str):
+    def config(backend: str, tokens: int = args.tokens):
         pool = f"{{min_size: 1, max_size: 2, num_cpus: 0.5, batch_size: {args.batch}}}"
         return load_config("tiny", [
             f"models.mllm={models['mllm']}", f"models.text_llm={models['text_llm']}", "models.device=cpu",
             "generate.strategies=[image_weakened]", f"generate.max_items={args.items}", "generate.progress=false",
-            f"generate.sampler.backend={backend}", f"generate.sampler.sampling.max_new_tokens={args.tokens}",
+            f"generate.sampler.backend={backend}", f"generate.sampler.sampling.max_new_tokens={tokens}",
             f"generate.sampler.pool={pool}", "generate.shard_size=16",
         ])
 
@@ -192,20 +198,25 @@ def main() -> None:
     print(f"generate bench: {args.items} items, {args.tokens} new tokens, batch {args.batch}, "
           f"{os.cpu_count()} CPUs, {args.size} LLaVA (random init, LM {results['lm']}), "
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
-    # Rounds alternate the three runs so a load spike on a shared machine hits them alike; each
+    # Rounds alternate the runs so a load spike on a shared machine hits them alike; each
     # row reports its best round.
-    runs: dict[str, list[dict]] = {"sequential_loop": [], "pipeline_transformers": [], "pipeline_vllm": []}
+    runs: dict[str, list[dict]] = {"sequential_loop": [], "pipeline_transformers": [], "pipeline_vllm": [],
+                                   "pipeline_floor": []}
     if args.no_loop:
-        del runs["sequential_loop"]
+        del runs["sequential_loop"], runs["pipeline_floor"]
     for r in range(args.rounds):
         if not args.no_loop:
             runs["sequential_loop"].append(sequential_loop(cfg, source, args.items))
         runs["pipeline_transformers"].append(pipeline(cfg, source, str(work / f"out-transformers-{r}")))
         runs["pipeline_vllm"].append(pipeline(config("vllm"), source, str(work / f"out-vllm-{r}")))
+        if not args.no_loop:
+            runs["pipeline_floor"].append(pipeline(config("transformers", tokens=1), source, str(work / f"out-floor-{r}")))
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]['pairs_per_s']:.2f} pairs/s" for k, v in runs.items())
               + f" (load average {os.getloadavg()[0]:.2f})", flush=True)
     for name, rs in runs.items():
-        results[name] = dict(max(rs, key=lambda x: x["pairs_per_s"]), rounds=[x["pairs_per_s"] for x in rs])
+        # the floor's best round is its fastest, the others' the one with the most pairs/s
+        key = (lambda x: -x["seconds"]) if name == "pipeline_floor" else (lambda x: x["pairs_per_s"])
+        results[name] = dict(max(rs, key=key), rounds=[x["pairs_per_s"] for x in rs])
     noise_items = args.noise_items or args.items
     results["noise_items"] = noise_items
     results["noise_transformers"] = noisy_vs_clean(cfg, source, noise_items, "transformers", args.batch,
@@ -213,8 +224,9 @@ def main() -> None:
     results["noise_vllm"] = noisy_vs_clean(cfg, source, noise_items, "vllm", args.batch, args.noise_repeats)
 
     seq, hf, vl = results.get("sequential_loop"), results["pipeline_transformers"], results["pipeline_vllm"]
+    floor = results.get("pipeline_floor")
     rows = [("sequential loop (transformers)", seq), ("Ray Data pipeline, transformers", hf),
-            ("Ray Data pipeline, vLLM", vl)]
+            ("Ray Data pipeline, vLLM", vl), ("pipeline floor (1-token answers)", floor)]
     rows = [(name, r) for name, r in rows if r is not None]
     print(f"\n{'run':36s} {'pairs':>6s} {'seconds':>8s} {'pairs/s':>8s}")
     for name, r in rows:
@@ -225,7 +237,8 @@ def main() -> None:
               f"{r['clean_ms_per_token']:.2f} ms per generated token ({r['noisy_tokens']} / {r['clean_tokens']} tokens); "
               f"the noise op is {100 * r['noise_op_share']:.2f}% of the noisy run")
     ratios = {
-        **({"pipeline_transformers / sequential_loop (pairs/s)": hf["pairs_per_s"] / seq["pairs_per_s"]} if seq else {}),
+        **({"pipeline_transformers / sequential_loop (pairs/s)": hf["pairs_per_s"] / seq["pairs_per_s"],
+            "ceiling at this size: loop s / pipeline floor s": seq["seconds"] / floor["seconds"]} if seq else {}),
         "pipeline_vllm / pipeline_transformers (pairs/s)": vl["pairs_per_s"] / hf["pairs_per_s"],
         "noisy / clean time per token, transformers": nt["noisy_over_clean"],
         "noisy / clean time per token, vLLM": nv["noisy_over_clean"],
