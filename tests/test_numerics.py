@@ -11,15 +11,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from bpo_ray import numerics
 from bpo_ray.config.shared import NumericsConfig
-from conftest import python_last_line
-
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO, python_last_line
 
 # A stage process: numerics.check (kernels, VML dispatch, threads), then a small 2-thread training run.
 TRAIN_SNIPPET = """
@@ -83,8 +80,8 @@ def test_the_cli_pins_the_configs_kernels_before_the_stage_computes():
 def test_same_bits_pinned_at_start_pinned_by_the_cli_and_in_a_ray_worker(ray_cluster):
     """One small training run, three ways a stage process can come to its kernels."""
     at_start = python_last_line(TRAIN_SNIPPET, {**_clean_env(), **numerics.env_vars("avx2")})
-    late = python_last_line("from bpo_ray.cli import pin_numerics_early\npin_numerics_early(['--config', 'tiny'])\n" + TRAIN_SNIPPET,
-                _clean_env())
+    late = python_last_line("from bpo_ray.cli import pin_numerics_early\npin_numerics_early(['--config', 'tiny'])\n"
+                            + TRAIN_SNIPPET, _clean_env())
     from bpo_ray.raycluster import worker_runtime_env
 
     @ray_cluster.remote(num_cpus=1)
